@@ -1,0 +1,5 @@
+import sys
+
+from llmquant.cli import main
+
+sys.exit(main())

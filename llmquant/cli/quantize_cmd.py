@@ -1,0 +1,134 @@
+"""`llmquant quantize`: flags over `llmquant.quantize(...)`, same names."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from llmquant.cli.common import add_model_arguments, model_kwargs
+from llmquant.quant.args import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
+from llmquant.quant.presets import PRESETS
+from llmquant.quant.recipe import GROUP_SIZE_FALLBACKS
+
+EPILOG = """\
+schemes:
+  W8A16        INT8 weights per output channel
+  W4A16        INT4 weights per group (default; group 128, or 64/32 when the model's widths need it)
+  W4A16_ASYM   INT4 weights per group with zero points
+  W8A8         INT8 weights per channel + INT8 activations (dynamic per token; --activations static)
+  FP8          FP8 E4M3 weights per tensor + activations static per tensor (calibrated)
+  FP8_DYNAMIC  FP8 weights per channel + activations dynamic per token
+  FP8_W        FP8 weights per channel, activations in the model dtype
+
+examples:
+  llmquant quantize --scheme W4A16 --group-size 64 --observer mse --output smol-w4a16
+  llmquant quantize org/model --scheme FP8 --observer percentile --percentile 99.99 --output out/
+  llmquant quantize ./my-model --recipe configs/quant/w8a8.yaml --output out/
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="quantize a model and save a compressed-tensors checkpoint",
+        description="Quantize a model's Linear layers and save a checkpoint that vLLM, transformers "
+        "and llmquant load. Prints a per-layer error report and checks the saved folder against the "
+        "original model on held-out text.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("-o", "--output", default=None,
+                   help="output folder (default: ./<model name>-<scheme>); written atomically")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    what = p.add_argument_group("what to quantize")
+    what.add_argument("--scheme", type=str.upper, choices=list(PRESETS), default=None,
+                      help="a named scheme (default W4A16); see the list below")
+    what.add_argument("--recipe", default=None, help="a YAML recipe (configs/quant/*.yaml); flags override it")
+    what.add_argument("--group-size", type=int, default=None, help="INT4/INT8 group size (32, 64, 128)")
+    sym = what.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="symmetric weights (no zero point)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                     help="asymmetric weights (zero points; INT only)")
+    what.add_argument("--activations", choices=("dynamic", "static"), default=None,
+                      help="activation scales per token at run time, or per tensor from calibration")
+    what.add_argument("--targets", nargs="+", default=None, metavar="PATTERN",
+                      help="modules to quantize: class names (Linear), exact names, or re:REGEX")
+    what.add_argument("--ignore", nargs="+", default=None, metavar="PATTERN",
+                      help="modules to keep in full precision (default: lm_head)")
+    what.add_argument("--group-size-fallback", choices=GROUP_SIZE_FALLBACKS, default=None,
+                      help="for layers whose width the group size does not divide: fail (default), "
+                      "quantize per channel, or skip")
+    obs = p.add_argument_group("observers (how ranges are chosen)")
+    obs.add_argument("--observer", choices=WEIGHT_OBSERVERS, default=None,
+                     help="minmax: full range; percentile: clip at --percentile; mse: search the "
+                     "clipping that minimizes weight error (weights only). Applies to weights and "
+                     "to static activations")
+    obs.add_argument("--percentile", type=float, default=None, help="e.g. 99.9 or 99.99 (default 99.99)")
+    obs.add_argument("--act-observer", dest="activation_observer", choices=ACTIVATION_OBSERVERS, default=None,
+                     help="observer for static activations only")
+    obs.add_argument("--act-percentile", dest="activation_percentile", type=float, default=None,
+                     help="percentile for static activations only")
+    sq = what.add_mutually_exclusive_group()
+    sq.add_argument("--smoothquant", type=_alpha, nargs="?", const="auto", default=None, metavar="ALPHA",
+                    help="SmoothQuant before quantizing (activation schemes; on by default for W8A8): move "
+                    "activation outliers into the weights with migration strength ALPHA in [0, 1], or "
+                    "'auto' (the default) to search the best value per layer")
+    sq.add_argument("--no-smoothquant", dest="smoothquant", action="store_false", help="turn SmoothQuant off")
+    cal = p.add_argument_group("calibration data (activation schemes)")
+    cal.add_argument("--dataset", default=None,
+                     help="builtin (default), a .txt/.jsonl/.parquet file, or a Hub dataset name[:config]")
+    cal.add_argument("--dataset-config", default=None, help="Hub dataset configuration")
+    cal.add_argument("--text-field", default=None, help="column holding the text (jsonl/parquet/Hub)")
+    cal.add_argument("--num-samples", type=int, default=None, help="calibration samples (default 128)")
+    cal.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default 512)")
+    cal.add_argument("--seed", type=int, default=None, help="which windows are drawn (default 0)")
+    ver = p.add_argument_group("verification")
+    ver.add_argument("--no-verify", dest="verify", action="store_false",
+                     help="skip reloading the output and comparing it with the original")
+    ver.add_argument("--verify-tokens", type=int, default=2048, help="held-out tokens compared (default 2048)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=run)
+
+
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}") from None
+
+
+def default_output(model: str | None, scheme: str) -> Path:
+    name = Path(str(model).rstrip("/")).name if model else "SmolLM2-135M-Instruct"
+    name = re.sub(r"\.gguf$", "", name)
+    return Path.cwd() / f"{name}-{scheme}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmquant.quant.quantize import quantize
+
+    if args.output is None:
+        args.output = default_output(args.model, args.scheme or (Path(args.recipe).stem if args.recipe else "W4A16"))
+    result = quantize(
+        args.model, output=args.output, scheme=args.scheme, recipe=args.recipe, group_size=args.group_size,
+        symmetric=args.symmetric, observer=args.observer, percentile=args.percentile,
+        activation_observer=args.activation_observer, activation_percentile=args.activation_percentile,
+        activations=args.activations, targets=args.targets, ignore=args.ignore,
+        group_size_fallback=args.group_size_fallback, dataset=args.dataset, dataset_config=args.dataset_config,
+        text_field=args.text_field, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+        smoothquant=args.smoothquant,
+        overwrite=args.overwrite, verify=args.verify, verify_tokens=args.verify_tokens,
+        progress=not args.quiet, **model_kwargs(args))
+    report = result.report
+    print(f"\n{result.recipe.name}: {result.recipe.scheme.describe()}")
+    for line in report.summary_lines():
+        print(line)
+    if result.verification is not None:
+        print(f"verification (reloaded checkpoint vs original): {result.verification.describe()}")
+    size = f", {report.checkpoint_bytes / 1e6:.1f} MB" if report.checkpoint_bytes else ""
+    print(f"saved {result.output_dir}{size} in {result.seconds:.1f} s "
+          f"(per-layer report: {result.output_dir}/quantization_report.md)")
+    sys.stdout.flush()
+    return 0

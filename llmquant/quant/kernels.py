@@ -1,0 +1,219 @@
+"""Matmul kernels for QuantizedLinear, chosen per device, scheme and number of rows M.
+
+Every kernel computes what `QuantizedLinear.reference_forward` defines (dequantize, then
+matmul). Choices follow measurements (benchmarks/kernels_cpu.py; results in benchmarks/results/):
+- CPU, INT4 groups of 32-256 and symmetric per-channel INT8, up to 64 rows (decode, small
+  batches): torch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`, fed bfloat16
+  activations. Their float32 path is 20-60x slower than their bf16 path (1.7 ms vs 0.08 ms for
+  a 576x1536 INT4 layer at M=1 on an AVX2 CPU), so activations are rounded to bf16 first,
+  as llama.cpp rounds them to 8 bits for its dot products.
+- CPU, more rows (prefill, perplexity): dequantize to the compute dtype and run a dense
+  matmul (7 ms vs 14 ms for int4pack at M=512 on the same CPU).
+- CUDA, INT4 groups: tinygemm `_weight_int4pack_mm` for M <= 16 (decode), where it beats
+  bf16; it is 10x slower than bf16 at M=256, so larger M dequantizes to bf16.
+- CUDA, FP8 with FP8 activations: `_scaled_mm` on real FP8 operands.
+- Everything else: dequantize to the compute dtype, then `F.linear`.
+
+A fast kernel is checked once against the dequantize path on a random input when it is
+prepared; a mismatch (an unexpected torch build) logs a warning and falls back rather than
+returning wrong numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llmquant.quant.args import FLOAT, FP8_DTYPE, FP8_MAX, INT
+
+log = logging.getLogger(__name__)
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+CPU_LOWBIT_MAX_ROWS = 64
+CUDA_INT4_MAX_ROWS = 16
+SELF_CHECK_TOLERANCE = 1e-2  # relative max error; bf16 rounding alone stays well below
+
+
+class DequantMatmul:
+    """Any scheme, any device: dequantize the weight in the compute dtype, then matmul."""
+
+    name = "dequant"
+    quantizes_activations = False
+
+    def __init__(self, layer, device: torch.device, dtype: torch.dtype):
+        self.layer = layer
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.layer.dequantized_weight(x.dtype))
+
+
+class Int4PackCpu:
+    name = "int4pack_cpu"
+    quantizes_activations = False
+
+    @staticmethod
+    def applies(layer, device: torch.device, rows: int) -> bool:
+        w = layer.scheme.weights
+        return (device.type == "cpu" and rows <= CPU_LOWBIT_MAX_ROWS and w.type == INT and w.num_bits == 4
+                and w.strategy == "group" and w.group_size in INT4_GROUP_SIZES and layer.out_features % 16 == 0
+                and layer.in_features % w.group_size == 0)
+
+    def __init__(self, layer, device: torch.device, dtype: torch.dtype):
+        self.group = layer.scheme.weights.group_size
+        unsigned = (layer.int_weight().to(torch.int32) + 8).contiguous()  # (N, K) in [0, 15]
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+        self.scales_and_zeros = _scales_and_zeros(layer, torch.bfloat16)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed,
+                                                       self.group, self.scales_and_zeros)
+        return y.to(x.dtype)
+
+
+class Int8PackCpu:
+    name = "int8pack_cpu"
+    quantizes_activations = False
+
+    @staticmethod
+    def applies(layer, device: torch.device, rows: int) -> bool:
+        w = layer.scheme.weights
+        return (device.type == "cpu" and rows <= CPU_LOWBIT_MAX_ROWS and w.type == INT and w.num_bits == 8
+                and w.symmetric and w.strategy == "channel")
+
+    def __init__(self, layer, device: torch.device, dtype: torch.dtype):
+        self.weight = layer.int_weight().contiguous()  # (N, K) int8
+        self.scale = layer.weight_scale.reshape(-1).to(torch.bfloat16)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight, self.scale).to(x.dtype)
+
+
+class Int4PackCuda:
+    name = "int4pack_cuda"
+    quantizes_activations = False
+    INNER_K_TILES = 8
+
+    @staticmethod
+    def applies(layer, device: torch.device, rows: int) -> bool:
+        w = layer.scheme.weights
+        return (device.type == "cuda" and rows <= CUDA_INT4_MAX_ROWS and w.type == INT and w.num_bits == 4
+                and w.strategy == "group" and w.group_size in INT4_GROUP_SIZES
+                and layer.out_features % 8 == 0 and layer.in_features % (Int4PackCuda.INNER_K_TILES * 16) == 0)
+
+    def __init__(self, layer, device: torch.device, dtype: torch.dtype):
+        self.group = layer.scheme.weights.group_size
+        u = (layer.int_weight().to(torch.int32) + 8).to(device)  # (N, K) in [0, 15]
+        as_bytes = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)  # two values per byte, even index high
+        self.packed = torch.ops.aten._convert_weight_to_int4pack(as_bytes.contiguous(), self.INNER_K_TILES)
+        self.scales_and_zeros = _scales_and_zeros(layer, torch.bfloat16).to(device)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.packed, self.group,
+                                               self.scales_and_zeros)
+        return y.to(x.dtype)
+
+
+class Fp8ScaledMmCuda:
+    """FP8 weights and FP8 activations (static per tensor, or dynamic per token with per-channel
+    weights) on the tensor cores. Quantizes its own input: it needs the FP8 values, not the
+    dequantized ones."""
+
+    name = "fp8_scaled_mm_cuda"
+    quantizes_activations = True
+
+    @staticmethod
+    def applies(layer, device: torch.device, rows: int) -> bool:
+        s = layer.scheme
+        a = s.input_activations
+        return (device.type == "cuda" and s.weights.type == FLOAT and a is not None
+                and layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+                and torch.cuda.get_device_capability(device) >= (8, 9))
+
+    def __init__(self, layer, device: torch.device, dtype: torch.dtype):
+        self.layer = layer
+        self.weight_t = layer.weight.t()  # (K, N) column-major, as _scaled_mm wants
+        w_scale = layer.weight_scale.float()
+        self.per_tensor_weight = w_scale.numel() == 1
+        self.scale_b = w_scale.reshape(1) if self.per_tensor_weight else w_scale.reshape(1, -1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        act = self.layer.scheme.input_activations
+        xf = x.float()
+        if act.dynamic:
+            scale_a = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        else:
+            scale_a = self.layer.input_scale.float().reshape(1)
+        rows = x.shape[0]
+        pad = (-rows) % 16  # _scaled_mm wants M a multiple of 16
+        xq = (xf / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        if pad:
+            xq = F.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(FP8_DTYPE)
+            if scale_a.numel() > 1:
+                scale_a = F.pad(scale_a, (0, 0, 0, pad), value=1.0)
+        scale_b = self.scale_b
+        if scale_a.numel() > 1 and self.per_tensor_weight:
+            scale_b = scale_b.expand(1, self.weight_t.shape[1]).contiguous()
+        if scale_a.numel() == 1 and not self.per_tensor_weight:
+            scale_a = scale_a.expand(xq.shape[0], 1).contiguous()
+        y = torch._scaled_mm(xq, self.weight_t, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+        return y[:rows].to(x.dtype)
+
+
+FAST_KERNELS = (Int4PackCpu, Int8PackCpu, Int4PackCuda, Fp8ScaledMmCuda)
+
+
+def _scales_and_zeros(layer, dtype: torch.dtype) -> Tensor:
+    """torch's int4pack kernels compute w = (u - 8) * scale + zero with u = q + 8 unsigned, so
+    our w = (q - zp) * scale maps to zero = -zp * scale. Shape (K/group, N, 2)."""
+    scale = layer.weight_scale.float()  # (N, G)
+    zp = layer.zero_point()
+    zero = -zp.float() * scale if zp is not None else torch.zeros_like(scale)
+    return torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+
+
+def _self_check(kernel, layer, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
+    """Compare a freshly prepared kernel with the dequantize path on one random input."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(max(rows, 1), layer.in_features, generator=gen).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        if not kernel.quantizes_activations and layer.scheme.input_activations is not None:
+            from llmquant.quant.primitives import quantize_activation
+
+            x = quantize_activation(x, layer.scheme.input_activations, getattr(layer, "input_scale", None))
+        ref = layer.reference_forward(x).float() if kernel.quantizes_activations else \
+            F.linear(x.float(), layer.dequantized_weight(torch.float32))
+        out = kernel(x).float()
+    err = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+    return err <= SELF_CHECK_TOLERANCE
+
+
+def select_kernel(layer, x: Tensor):
+    """The kernel for this layer and input (M, K); prepared once per (kernel, device, dtype)."""
+    device, dtype, rows = x.device, x.dtype, x.shape[0]
+    for cls in FAST_KERNELS:
+        if not cls.applies(layer, device, rows):
+            continue
+        key = (cls.name, device, dtype)
+        kernel = layer._kernels.get(key)
+        if kernel is None:
+            try:
+                kernel = cls(layer, device, dtype)
+                ok = _self_check(kernel, layer, device, dtype, rows)
+            except (RuntimeError, NotImplementedError) as e:  # op missing in this torch build
+                ok, reason = False, str(e).splitlines()[0]
+            else:
+                reason = "its output did not match the reference"
+            if not ok:
+                log.warning("kernel %s unavailable for %s (%s); using dequantize + matmul",
+                            cls.name, layer.extra_repr(), reason)
+                kernel = False
+            layer._kernels[key] = kernel
+        if kernel is not False:
+            return kernel
+    key = ("dequant", device, dtype)
+    if key not in layer._kernels:
+        layer._kernels[key] = DequantMatmul(layer, device, dtype)
+    return layer._kernels[key]

@@ -1,0 +1,316 @@
+"""`llmquant.quantize(...)`: load, calibrate, quantize, save, verify — the public entry point.
+
+The `llmquant quantize` command is a thin layer of flags over this function, with the same
+argument names.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmquant.checkpoint.atomic import atomic_directory, check_output_dir
+from llmquant.checkpoint.ct_config import build_quantization_config
+from llmquant.checkpoint.save import save_quantized
+from llmquant.errors import InvalidConfigError
+from llmquant.quant.calibration import observe_activations
+from llmquant.quant.linear import QuantizedLinear
+from llmquant.quant.plan import LayerPlan, auto_group_size, config_groups, plan_layers, unquantized_linear_names
+from llmquant.quant.primitives import sqnr_db
+from llmquant.quant.recipe import CalibrationConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
+from llmquant.quant.report import LayerReport, QuantReport
+from llmquant.quant.smoothquant import smooth_model
+from llmquant.quant.targets import linear_layers, set_submodule
+from llmquant.quant.verify import Agreement, compare_to_reference, reference_logprobs
+
+DEFAULT_SCHEME = "W4A16"
+REPORT_PASS_SAMPLES = 8  # dynamic schemes need no calibration; a few samples feed the report
+VERIFY_WINDOW = 512
+
+
+@dataclass
+class QuantizeResult:
+    model: torch.nn.Module  # the quantized model, in memory (QuantizedLinear layers)
+    tokenizer: object
+    recipe: Recipe
+    report: QuantReport
+    output_dir: Path | None
+    verification: Agreement | None
+    seconds: float
+
+
+def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recipe | None = None,
+                 group_size: int | None = None, symmetric: bool | None = None, observer: str | None = None,
+                 percentile: float | None = None, activation_observer: str | None = None,
+                 activation_percentile: float | None = None, activations: str | None = None,
+                 targets: list[str] | None = None, ignore: list[str] | None = None,
+                 group_size_fallback: str | None = None, dataset: str | None = None,
+                 dataset_config: str | None = None, text_field: str | None = None,
+                 num_samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
+                 smoothquant: float | str | bool | None = None) -> Recipe:
+    """A recipe from a file / object or a preset name, with explicit arguments layered on top."""
+    if recipe is not None and scheme is not None:
+        raise InvalidConfigError("Pass either a recipe or a scheme, not both (a recipe names its scheme).")
+    if recipe is None:
+        base = recipe_from_scheme(scheme or DEFAULT_SCHEME)
+    else:
+        base = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    w_over: dict = {}
+    if group_size is not None:
+        w_over.update(strategy="group", group_size=group_size)
+    if symmetric is not None:
+        w_over["symmetric"] = symmetric
+    if observer is not None:
+        w_over["observer"] = observer
+    if percentile is not None:
+        w_over["percentile"] = percentile
+    a_over: dict = {}
+    act = base.scheme.input_activations
+    if activations is not None:
+        if act is None:
+            raise InvalidConfigError(f"--activations applies to schemes that quantize activations "
+                                     f"(W8A8, FP8, FP8_DYNAMIC), not {base.name}.")
+        if activations not in ("static", "dynamic"):
+            raise InvalidConfigError(f"activations must be 'static' or 'dynamic', got {activations!r}.")
+        a_over.update(dynamic=activations == "dynamic", strategy="token" if activations == "dynamic" else "tensor")
+    static = act is not None and not a_over.get("dynamic", act.dynamic)
+    # --observer/--percentile cover every calibrated range: weights, and static activations
+    # (mse is a weight-only search, so activations keep their own observer then).
+    if static and observer in ("minmax", "percentile") and activation_observer is None:
+        a_over["observer"] = observer
+    if static and percentile is not None and activation_percentile is None:
+        a_over["percentile"] = percentile
+    if activation_observer is not None:
+        a_over["observer"] = activation_observer
+    if activation_percentile is not None:
+        a_over["percentile"] = activation_percentile
+    if a_over and act is None:
+        raise InvalidConfigError(f"Activation options apply to W8A8/FP8/FP8_DYNAMIC, not {base.name}.")
+    if a_over.get("dynamic"):
+        a_over.setdefault("observer", "minmax")
+    cal = base.calibration
+    cal_over = {k: v for k, v in dict(dataset=dataset, config_name=dataset_config, text_field=text_field,
+                                      num_samples=num_samples, seq_len=seq_len, seed=seed).items() if v is not None}
+    calibration = CalibrationConfig.from_dict({**cal.__dict__, **cal_over})
+    return base.with_overrides(weights=w_over or None, input_activations=a_over or None,
+                               targets=tuple(targets) if targets else None,
+                               ignore=tuple(ignore) if ignore is not None else None,
+                               group_size_fallback=group_size_fallback, calibration=calibration,
+                               smoothquant=_smoothquant_override(smoothquant))
+
+
+def _smoothquant_override(smoothquant: float | str | bool | None):
+    """None: the recipe's (or scheme's) choice; False: off; a number or "auto": that alpha."""
+    if smoothquant is None or smoothquant is False:
+        return smoothquant
+    if smoothquant is True:
+        return SmoothQuantConfig()
+    return SmoothQuantConfig(alpha=smoothquant)
+
+
+def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str | None = None,
+             recipe: str | os.PathLike | Recipe | None = None, group_size: int | None = None,
+             symmetric: bool | None = None, observer: str | None = None, percentile: float | None = None,
+             activation_observer: str | None = None, activation_percentile: float | None = None,
+             activations: str | None = None, targets: list[str] | None = None, ignore: list[str] | None = None,
+             group_size_fallback: str | None = None, dataset: str | None = None,
+             dataset_config: str | None = None, text_field: str | None = None, num_samples: int | None = None,
+             seq_len: int | None = None, seed: int | None = None,
+             smoothquant: float | str | bool | None = None,
+             revision: str | None = None,
+             dtype: str = "auto", device: str | None = None, allow_pickle: bool = False,
+             trust_remote_code: bool = False, overwrite: bool = False, verify: bool = True,
+             verify_tokens: int = 2048, progress: bool = True) -> QuantizeResult:
+    """Quantize `model` (a source as for `load_model`, or a `LoadedModel`) and save it to `output`.
+
+    With no scheme and no recipe the scheme is W4A16 (INT4 weights, group 128 or the largest of
+    64/32 that fits the model). Returns the quantized model in memory, the resolved recipe and
+    the per-layer report; when `output` is given, the folder is a compressed-tensors checkpoint
+    that vLLM, transformers and llmquant load.
+    """
+    from llmquant.loading import LoadedModel, load_model
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    explicit_group = group_size is not None or recipe is not None
+    rec = build_recipe(scheme=scheme, recipe=recipe, group_size=group_size, symmetric=symmetric, observer=observer,
+                       percentile=percentile, activation_observer=activation_observer,
+                       activation_percentile=activation_percentile, activations=activations, targets=targets,
+                       ignore=ignore, group_size_fallback=group_size_fallback, dataset=dataset,
+                       dataset_config=dataset_config, text_field=text_field, num_samples=num_samples,
+                       seq_len=seq_len, seed=seed, smoothquant=smoothquant)
+    if output is not None:
+        check_output_dir(output, overwrite)  # before minutes of work, not after
+
+    t = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, revision=revision, dtype=dtype, device=device, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code)
+    timings["load"] = time.perf_counter() - t
+    if loaded.quantization_config is not None:
+        raise InvalidConfigError(f"{loaded.source.describe()} is already quantized; quantize its original model.")
+    net, tokenizer = loaded.model, loaded.tokenizer
+
+    layers = list(linear_layers(net, rec.targets, rec.ignore))
+    if not layers:
+        raise InvalidConfigError(f"No Linear layer matches targets {list(rec.targets)} minus ignore "
+                                 f"{list(rec.ignore)}.")
+    if not explicit_group:
+        rec, message = auto_group_size(rec, layers)
+        if message and progress:
+            print(message, file=sys.stderr)
+    plans = plan_layers(rec, layers)
+    _say(progress, f"quantizing {loaded.source.describe()} with {rec.name}: {rec.scheme.describe()}")
+
+    windows = _verify_windows(tokenizer, rec, verify_tokens) if verify else None
+    reference = reference_logprobs(net, windows, progress) if windows is not None else None
+
+    t = time.perf_counter()
+    batches = _calibration_batches(tokenizer, rec, plans)
+    smoothing = None
+    if rec.smoothquant is not None:
+        _say(progress, f"SmoothQuant (alpha {rec.smoothquant.alpha}) on {batches.shape[0]} x {batches.shape[1]} tokens")
+        smoothing = smooth_model(net, batches, rec.smoothquant.alpha, scheme=rec.scheme,
+                                 only={p.name for p in plans if p.scheme}, progress=progress)
+        for name, why in smoothing.skipped.items():
+            _say(progress, f"  SmoothQuant skipped {name}: {why}")
+    stats, cal_description = _calibrate(net, rec, plans, batches, progress)
+    timings["calibration"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report = QuantReport(source=_source_info(loaded), recipe=rec.to_dict(), calibration=cal_description,
+                         environment=_environment(), smoothquant=smoothing.to_dict() if smoothing else None)
+    scale_dtype_pack = loaded.source_dtype
+    for plan in tqdm(plans, desc="quantizing layers", unit="layer", disable=not progress, leave=False):
+        if plan.scheme is None:
+            report.kept_full_precision[plan.name] = plan.note or "excluded"
+            continue
+        report.layers.append(_quantize_layer(net, plan, stats.get(plan.name), scale_dtype_pack))
+        plan.module = None  # the float layer is no longer referenced by the model; let it go
+    timings["quantize"] = time.perf_counter() - t
+
+    verification = None
+    out_path = None
+    if output is not None:
+        qcfg = build_quantization_config(config_groups(rec, plans), unquantized_linear_names(net, plans))
+        with atomic_directory(output, overwrite=overwrite) as tmp:
+            t = time.perf_counter()
+            save_quantized(net, tokenizer, tmp, qcfg, storage_dtype=loaded.source_dtype)
+            (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
+            timings["save"] = time.perf_counter() - t
+            report.checkpoint_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+            if reference is not None:
+                t = time.perf_counter()
+                # Verify what was written, read back through the same loader users get.
+                reloaded = load_model(tmp, dtype=dtype, device=device)
+                verification = compare_to_reference(reloaded.model, windows, reference, progress)
+                del reloaded
+                timings["verify"] = time.perf_counter() - t
+            timings["total"] = time.perf_counter() - t_start
+            report.timings_s = timings
+            report.verification = verification.to_dict() if verification else None
+            report.write(tmp)
+        out_path = Path(output).expanduser().absolute()
+    elif reference is not None:
+        verification = compare_to_reference(net, windows, reference, progress)
+        report.verification = verification.to_dict()
+    timings["total"] = time.perf_counter() - t_start
+    report.timings_s = timings
+    return QuantizeResult(model=net, tokenizer=tokenizer, recipe=rec, report=report, output_dir=out_path,
+                          verification=verification, seconds=timings["total"])
+
+
+def _quantize_layer(net, plan: LayerPlan, stat, pack_scale_dtype: torch.dtype) -> LayerReport:
+    scheme = plan.scheme
+    # Weight-only INT scales are read by vLLM in the activation dtype, so store them in the
+    # model's dtype (and quantize with the rounded value); FP8/INT8-activation scales are float32.
+    scale_dtype = pack_scale_dtype if scheme.format == "pack-quantized" else torch.float32
+    input_scale = stat.scale() if scheme.has_static_activations else None
+    qlayer = QuantizedLinear.from_float(plan.module, scheme, scale_dtype=scale_dtype, input_scale=input_scale)
+    entry = LayerReport(name=plan.name, out_features=plan.module.out_features,
+                        in_features=plan.module.in_features, scheme=scheme.describe(),
+                        weight_sqnr_db=sqnr_db(plan.module.weight.detach(), qlayer.dequantized_weight()),
+                        note=plan.note)
+    if stat is not None:
+        entry.activation_sqnr_db = stat.sqnr_db()
+        if scheme.has_static_activations:
+            entry.activation_clip_pct = 100.0 * stat.clip_fraction()
+            entry.activation_absmax = stat.absmax
+            entry.activation_threshold = stat.threshold()
+    set_submodule(net, plan.name, qlayer)
+    return entry
+
+
+def _calibration_batches(tokenizer, rec: Recipe, plans: list[LayerPlan]) -> torch.Tensor | None:
+    """Calibration windows when anything needs them: SmoothQuant and static scales use all of
+    them, the activation report of dynamic schemes the first few. Weight-only: None."""
+    from llmquant.data import calibration_batches
+
+    if not any(p.scheme is not None and p.scheme.input_activations for p in plans):
+        return None
+    cal = rec.calibration
+    needs_all = rec.smoothquant is not None or any(p.scheme is not None and p.scheme.has_static_activations
+                                                    for p in plans)
+    samples = cal.num_samples if needs_all else min(cal.num_samples, REPORT_PASS_SAMPLES)
+    return calibration_batches(tokenizer, cal.dataset, num_samples=samples, seq_len=cal.seq_len, seed=cal.seed,
+                               text_field=cal.text_field, config_name=cal.config_name)
+
+
+def _calibrate(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor | None, progress: bool):
+    """Observe input activations where the scheme quantizes them; weight-only schemes skip this."""
+    act_layers = {p.name: p.scheme for p in plans if p.scheme is not None and p.scheme.input_activations}
+    if not act_layers:
+        return {}, None
+    cal = rec.calibration
+    static = any(s.has_static_activations for s in act_layers.values())
+    if not static:
+        batches = batches[:REPORT_PASS_SAMPLES]
+    purpose = "static activation scales" if static else "the activation report (dynamic scales need no data)"
+    samples = batches.shape[0]
+    description = (f"{samples} x {cal.seq_len} tokens from {cal.dataset} (calibration split, seed {cal.seed}) "
+                   f"for {purpose}")
+    _say(progress, f"calibrating on {description}")
+    stats = observe_activations(net, act_layers, batches, progress=progress)
+    return stats, {"description": description, "num_samples": samples, "seq_len": cal.seq_len,
+                   "dataset": cal.dataset, "seed": cal.seed}
+
+
+def _verify_windows(tokenizer, rec: Recipe, verify_tokens: int) -> torch.Tensor | None:
+    from llmquant.data import evaluation_tokens
+
+    cal = rec.calibration
+    ids = evaluation_tokens(tokenizer, cal.dataset, max_tokens=verify_tokens, text_field=cal.text_field,
+                            config_name=cal.config_name)
+    window = min(VERIFY_WINDOW, ids.numel())
+    n = ids.numel() // window
+    return ids[: n * window].reshape(n, window) if n else None
+
+
+def _source_info(loaded) -> dict:
+    s = loaded.source
+    return {"name": s.name, "kind": s.kind, "revision": s.revision, "description": s.describe(),
+            "stored_dtype": str(loaded.source_dtype).removeprefix("torch.")}
+
+
+def _environment() -> dict:
+    import platform
+
+    import transformers
+
+    from llmquant import __version__
+
+    return {"llmquant": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+            or platform.machine()}
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr)

@@ -1,0 +1,213 @@
+"""Recipes: a YAML file and its Python object are the same thing.
+
+    quantize:
+      scheme: W4A16            # a preset; `weights` / `input_activations` override its fields
+      weights: {group_size: 64, observer: mse}
+      targets: [Linear]
+      ignore: [lm_head]
+      group_size_fallback: error   # error | channel | skip
+    smoothquant:               # activation schemes; absent: the scheme's default (W8A8: auto),
+      alpha: auto              # null: off; alpha: a number in [0, 1] or auto
+    calibration:
+      dataset: builtin
+      num_samples: 128
+      seq_len: 512
+      seed: 0
+
+`Recipe.to_dict()` writes every field explicitly, so `Recipe.from_dict(r.to_dict()) == r`
+and the recipe.yaml saved next to a checkpoint reproduces it exactly. Unknown keys are
+rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmquant.errors import InvalidConfigError
+from llmquant.quant.args import QuantArgs, QuantScheme, reject_unknown_keys
+from llmquant.quant.presets import PRESETS, SMOOTHQUANT_BY_DEFAULT, preset
+from llmquant.quant.targets import validate_patterns
+
+GROUP_SIZE_FALLBACKS = ("error", "channel", "skip")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    dataset: str = "builtin"
+    config_name: str | None = None
+    text_field: str = "text"
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.seq_len < 8:
+            raise InvalidConfigError("calibration needs num_samples >= 1 and seq_len >= 8.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CalibrationConfig":
+        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "calibration")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    # Migration strength: 0 keeps activations as they are, 1 moves all their range into the
+    # weights; "auto" searches the best value per layer on the calibration data.
+    alpha: float | str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.alpha == "auto":
+            return
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise InvalidConfigError(f"smoothquant.alpha must be 'auto' or a number between 0 and 1, "
+                                     f"got {self.alpha!r}.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SmoothQuantConfig":
+        if not isinstance(data, dict):
+            raise InvalidConfigError("smoothquant must be a mapping such as {alpha: 0.5}.")
+        reject_unknown_keys(data, {"alpha"}, "smoothquant")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    scheme: QuantScheme
+    scheme_name: str | None = None  # the preset it started from, for reports and model cards
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = ("lm_head",)
+    group_size_fallback: str = "error"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    smoothquant: SmoothQuantConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.smoothquant is not None and self.scheme.input_activations is None:
+            raise InvalidConfigError(
+                "SmoothQuant moves activation outliers into the weights: it helps schemes that quantize "
+                f"activations (W8A8, FP8, FP8_DYNAMIC) and only hurts weight-only {self.name}.")
+        if self.group_size_fallback not in GROUP_SIZE_FALLBACKS:
+            raise InvalidConfigError(f"group_size_fallback must be one of {', '.join(GROUP_SIZE_FALLBACKS)}; "
+                                     f"got {self.group_size_fallback!r}.")
+        if not self.targets:
+            raise InvalidConfigError("targets is empty: nothing would be quantized.")
+        validate_patterns(self.targets, "targets")
+        validate_patterns(self.ignore, "ignore")
+
+    @property
+    def name(self) -> str:
+        return self.scheme_name or "custom"
+
+    # ---- dict / YAML -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quantize": {
+                "scheme": self.scheme_name,
+                "weights": self.scheme.weights.to_dict(),
+                "input_activations": (self.scheme.input_activations.to_dict()
+                                      if self.scheme.input_activations else None),
+                "targets": list(self.targets),
+                "ignore": list(self.ignore),
+                "group_size_fallback": self.group_size_fallback,
+            },
+            "smoothquant": dataclasses.asdict(self.smoothquant) if self.smoothquant else None,
+            "calibration": dataclasses.asdict(self.calibration),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        if not isinstance(data, dict):
+            raise InvalidConfigError("A recipe must be a mapping with 'quantize' (and optionally 'calibration').")
+        reject_unknown_keys(data, {"quantize", "smoothquant", "calibration"}, "the recipe")
+        q = dict(data.get("quantize") or {})
+        reject_unknown_keys(q, {"scheme", "weights", "input_activations", "targets", "ignore",
+                                "group_size_fallback"}, "quantize")
+        name = q.get("scheme")
+        base = preset(name) if name else None
+        if base is None and not q.get("weights"):
+            raise InvalidConfigError(f"The recipe needs quantize.scheme (one of {', '.join(PRESETS)}) "
+                                     "or a full quantize.weights section.")
+        weights = _merge_args(base.weights if base else None, q.get("weights"), "quantize.weights")
+        if "input_activations" in q and q["input_activations"] is None:
+            acts = None
+        else:
+            acts = _merge_args(base.input_activations if base else None, q.get("input_activations"),
+                               "quantize.input_activations")
+        kwargs = {k: tuple(q[k]) for k in ("targets", "ignore") if k in q}
+        if "group_size_fallback" in q:
+            kwargs["group_size_fallback"] = q["group_size_fallback"]
+        calibration = CalibrationConfig.from_dict(dict(data.get("calibration") or {}))
+        if "smoothquant" in data:
+            sq = data["smoothquant"]
+            smoothquant = SmoothQuantConfig.from_dict(sq) if sq is not None else None
+        else:
+            smoothquant = default_smoothquant(name, acts)
+        return cls(scheme=QuantScheme(weights=weights, input_activations=acts),
+                   scheme_name=name.upper() if name else None, calibration=calibration,
+                   smoothquant=smoothquant, **kwargs)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise InvalidConfigError(f"The recipe is not valid YAML: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidConfigError(f"Recipe file {path} does not exist.")
+        try:
+            return cls.from_yaml(path.read_text(encoding="utf-8"))
+        except InvalidConfigError as e:
+            raise InvalidConfigError(f"{path}: {e}") from None
+
+    def with_overrides(self, *, weights: dict | None = None, input_activations: dict | None = None,
+                       drop_activations: bool = False, **fields: Any) -> "Recipe":
+        """A copy with some weight/activation args and recipe fields replaced (CLI flags).
+        Fields given as None keep their value; smoothquant=False turns SmoothQuant off."""
+        w = _merge_args(self.scheme.weights, weights, "weights") if weights else self.scheme.weights
+        a = None if drop_activations else self.scheme.input_activations
+        if input_activations and a is not None:
+            a = _merge_args(a, input_activations, "input_activations")
+        changes = {k: v for k, v in fields.items() if v is not None}
+        if changes.get("smoothquant") is False:
+            changes["smoothquant"] = None
+        return dataclasses.replace(self, scheme=QuantScheme(weights=w, input_activations=a), **changes)
+
+
+def _merge_args(base: QuantArgs | None, overrides: dict | None, where: str) -> QuantArgs | None:
+    if overrides is None:
+        return base
+    if not isinstance(overrides, dict):
+        raise InvalidConfigError(f"{where} must be a mapping.")
+    reject_unknown_keys(overrides, {f.name for f in dataclasses.fields(QuantArgs)}, where)
+    merged = {**(base.to_dict() if base else {}), **overrides}
+    # Switching to a non-group strategy drops the preset's group size instead of failing.
+    if merged.get("strategy") != "group" and "group_size" not in overrides:
+        merged["group_size"] = None
+    return QuantArgs.from_dict(merged, where)
+
+
+def default_smoothquant(scheme_name: str | None, activations: QuantArgs | None) -> SmoothQuantConfig | None:
+    """The SmoothQuant a scheme gets when its recipe does not say (see presets.SMOOTHQUANT_BY_DEFAULT)."""
+    if scheme_name and scheme_name.upper() in SMOOTHQUANT_BY_DEFAULT and activations is not None:
+        return SmoothQuantConfig()
+    return None
+
+
+def recipe_from_scheme(name: str, **overrides) -> Recipe:
+    scheme = preset(name)
+    return Recipe(scheme=scheme, scheme_name=name.upper(),
+                  smoothquant=default_smoothquant(name, scheme.input_activations)).with_overrides(**overrides)

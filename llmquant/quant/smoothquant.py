@@ -1,0 +1,208 @@
+"""SmoothQuant: move activation outliers into the weights before quantizing both.
+
+A few input channels of some Linear layers carry values 10-100x larger than the rest, so a
+per-token INT8 scale spends its range on them. For each such channel j, dividing the
+activation by s_j and multiplying the weight column by s_j leaves the product unchanged;
+the division is folded into the module that produces the activation (the RMSNorm before
+q/k/v and gate/up, the up_proj before down_proj), so the model computes the same function.
+With s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (Xiao et al., 2023), alpha is the migration
+strength: 0 leaves activations alone, 1 moves all of their range into the weights. The best
+alpha differs between models and between layers of one model, so `alpha="auto"` searches a
+grid per mapping for the value that minimizes the balance layers' output error once weights
+and activations are quantized, measured on a bounded sample of real calibration inputs.
+
+The math is in `smoothing_scales` (pure); `collect_channel_absmax` feeds it from calibration
+text through hooks; `apply_smoothing` folds the scales and checks, on a probe input, that the
+producing module's output really scaled by 1/s (a norm computing (1 + w) * x, as Gemma's does,
+would not): a mapping that fails the check is reverted and reported, never applied wrongly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+# (balance layers, smoothing module), as patterns on module names. The balance layers of one
+# mapping share one input: the smoothing module's output.
+MAPPINGS: tuple[tuple[str, str], ...] = (
+    (r"self_attn\.(q|k|v|qkv)_proj$", r"input_layernorm$"),
+    (r"mlp\.(gate|up|gate_up)_proj$", r"post_attention_layernorm$"),
+    (r"mlp\.down_proj$", r"mlp\.up_proj$"),
+)
+MIN_VALUE = 1e-5
+AUTO_ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+SAMPLE_ROWS = 512  # calibration input rows kept per mapping for the alpha search
+
+
+@dataclass
+class Mapping:
+    smooth: str
+    balance: list[str]
+
+
+@dataclass
+class SmoothingResult:
+    alpha: float | str
+    applied: dict[str, float] = field(default_factory=dict)  # smoothing module -> alpha used
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha, "applied": len(self.applied), "alphas": self.applied,
+                "skipped": self.skipped}
+
+
+def smoothing_scales(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) -> Tensor:
+    """Per input channel s = max|X|^alpha / max|W|^(1 - alpha); 1 where a channel never fired."""
+    a = act_absmax.float().clamp(min=MIN_VALUE)
+    w = weight_absmax.float().clamp(min=MIN_VALUE)
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    return torch.where(act_absmax > 0, s, torch.ones_like(s)).clamp(min=MIN_VALUE)
+
+
+def smoothed_output_error(x: Tensor, weights: list[Tensor], scales: Tensor, scheme) -> float:
+    """Relative squared error of the balance layers' outputs when x (rows, in) is divided by
+    `scales`, the weights (out, in) multiplied by them, and both quantized with `scheme`."""
+    from llmquant.quant.observers import weight_qparams
+    from llmquant.quant.primitives import fake_quantize, grouped_view, quantize_activation
+
+    s = scales.float()
+    xs = x.float() / s
+    act = scheme.input_activations
+    if act.dynamic:
+        xq = quantize_activation(xs, act)
+    else:
+        xq = quantize_activation(xs, act, (xs.abs().max() / act.qmax).reshape(1))
+    err = ref_norm = 0.0
+    for w in weights:
+        ws = w.float() * s[None, :]
+        scale, zp = weight_qparams(ws, scheme.weights)
+        wq = fake_quantize(grouped_view(ws, scheme.weights), scale, zp, scheme.weights).reshape(ws.shape)
+        ref = x.float() @ w.float().t()
+        err += float((ref - xq @ wq.t()).pow(2).sum())
+        ref_norm += float(ref.pow(2).sum())
+    return err / max(ref_norm, 1e-30)
+
+
+def search_alpha(x: Tensor, weights: list[Tensor], act_absmax: Tensor, scheme,
+                 alphas: tuple[float, ...] = AUTO_ALPHAS) -> float:
+    """The alpha of `alphas` whose smoothing gives the smallest quantized output error."""
+    weight_absmax = torch.stack([w.abs().amax(dim=0).float() for w in weights]).amax(dim=0)
+    errors = {a: smoothed_output_error(x, weights, smoothing_scales(act_absmax, weight_absmax, a), scheme)
+              for a in alphas}
+    return min(errors, key=errors.get)
+
+
+def find_mappings(model: nn.Module) -> list[Mapping]:
+    """Mappings within each decoder layer: the smoothing module and the Linear layers it feeds."""
+    modules = dict(model.named_modules())
+    mappings = []
+    for balance_pat, smooth_pat in MAPPINGS:
+        for name in modules:
+            prefix = _layer_prefix(name)
+            if not prefix or not re.search(smooth_pat, name):
+                continue
+            balance = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n.startswith(prefix)
+                       and re.search(balance_pat, n)]
+            if balance:
+                mappings.append(Mapping(name, balance))
+    return mappings
+
+
+def _layer_prefix(name: str) -> str:
+    """'model.layers.3.mlp.up_proj' -> 'model.layers.3.' (the decoder layer holding the module)."""
+    m = re.search(r"^(.*\.layers\.\d+\.)", name)
+    return m.group(1) if m else ""
+
+
+def collect_channel_absmax(model: nn.Module, mappings: list[Mapping], batches: Tensor, *,
+                           batch_size: int = 4, sample_rows: int = 0, progress: bool = True
+                           ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """max |x| per input channel of each mapping's balance layers (they share the input), and,
+    when sample_rows > 0, up to that many input rows per mapping (evenly spread over the
+    calibration tokens) for the alpha search."""
+    absmax: dict[str, Tensor] = {}
+    samples: dict[str, list[Tensor]] = {m.smooth: [] for m in mappings}
+    per_batch = max(1, sample_rows // max(1, -(-batches.shape[0] // batch_size))) if sample_rows else 0
+    hooks = []
+    for mp in mappings:
+        def observe(module, args, key=mp.smooth):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            cur = x.abs().amax(dim=0).float().cpu()
+            absmax[key] = cur if key not in absmax else torch.maximum(absmax[key], cur)
+            if per_batch:
+                rows = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0])).long()
+                samples[key].append(x[rows].float().cpu())
+        hooks.append(model.get_submodule(mp.balance[0]).register_forward_pre_hook(observe))
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for chunk in tqdm(batches.split(batch_size), desc="smoothquant statistics", unit="batch",
+                              disable=not progress, leave=False):
+                model(input_ids=chunk.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return absmax, {k: torch.cat(v)[:sample_rows] for k, v in samples.items() if v}
+
+
+def apply_smoothing(model: nn.Module, mapping: Mapping, scales: Tensor) -> str | None:
+    """Fold `scales` into the mapping; returns why it was not applied, or None when it was."""
+    smooth = model.get_submodule(mapping.smooth)
+    weight = getattr(smooth, "weight", None)
+    if not isinstance(weight, Tensor) or weight.shape[0] != scales.numel():
+        return f"{type(smooth).__name__} has no per-channel weight to fold the scales into"
+    width = smooth.in_features if isinstance(smooth, nn.Linear) else scales.numel()
+    probe = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    s = scales.to(device=weight.device, dtype=torch.float32)
+    with torch.no_grad():
+        before = smooth(probe).float()
+        saved = [p.detach().clone() for p in (weight, getattr(smooth, "bias", None)) if p is not None]
+        _divide_output(smooth, s)
+        after = smooth(probe).float()
+        if not torch.allclose(after, before / s, rtol=2e-2, atol=1e-4 * before.abs().max().item()):
+            for p, old in zip([p for p in (weight, getattr(smooth, "bias", None)) if p is not None], saved):
+                p.copy_(old)
+            return f"{type(smooth).__name__}'s output does not scale with its weight"
+        for name in mapping.balance:
+            lin = model.get_submodule(name)
+            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])  # (out, in) * (1, in)
+    return None
+
+
+def _divide_output(smooth: nn.Module, s: Tensor) -> None:
+    w = smooth.weight
+    if w.ndim == 2:  # a Linear producing the activation: scale its output rows
+        w.div_(s.to(w.dtype)[:, None])
+    else:
+        w.div_(s.to(w.dtype))
+    bias = getattr(smooth, "bias", None)
+    if isinstance(bias, Tensor):
+        bias.div_(s.to(bias.dtype))
+
+
+def smooth_model(model: nn.Module, batches: Tensor, alpha: float | str, *, scheme=None,
+                 only: set[str] | None = None, progress: bool = True) -> SmoothingResult:
+    """Smooth every mapping whose balance layers are all in `only` (the layers to be quantized).
+
+    alpha: a number in [0, 1], or "auto" to search AUTO_ALPHAS per mapping (needs `scheme`,
+    the quantization scheme the balance layers will get).
+    """
+    auto = alpha == "auto"
+    result = SmoothingResult(alpha=alpha)
+    mappings = [m for m in find_mappings(model) if only is None or all(b in only for b in m.balance)]
+    absmax, samples = collect_channel_absmax(model, mappings, batches, sample_rows=SAMPLE_ROWS if auto else 0,
+                                             progress=progress)
+    for mp in tqdm(mappings, desc="smoothing", unit="mapping", disable=not progress, leave=False):
+        balance = [model.get_submodule(b).weight.detach() for b in mp.balance]
+        chosen = search_alpha(samples[mp.smooth], balance, absmax[mp.smooth], scheme) if auto else float(alpha)
+        weights = torch.stack([w.abs().amax(dim=0).float().cpu() for w in balance]).amax(dim=0)  # (in,)
+        why = apply_smoothing(model, mp, smoothing_scales(absmax[mp.smooth], weights, chosen))
+        if why is None:
+            result.applied[mp.smooth] = chosen
+        else:
+            result.skipped[mp.smooth] = why
+    return result

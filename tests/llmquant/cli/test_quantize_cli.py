@@ -1,0 +1,70 @@
+"""`llmquant quantize` as users run it: a real process, its exit codes and its messages."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+FAST = ["--num-samples", "4", "--seq-len", "64", "--verify-tokens", "256", "-q", "--dtype", "float32"]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llmquant", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def assert_clean_error(proc, *phrases):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ")
+    flat = " ".join(proc.stderr.split())
+    for phrase in phrases:
+        assert phrase in flat, flat
+
+
+def test_quantize_then_refuse_to_overwrite(tiny_model_dir, tmp_path):
+    out = tmp_path / "w8a8"
+    proc = run_cli("quantize", tiny_model_dir, "--scheme", "W8A8", "--output", out, *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "verification (reloaded checkpoint vs original): mean KL" in proc.stdout
+    assert "worst 5 layers:" in proc.stdout
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+    before = (out / "model.safetensors").read_bytes()
+
+    again = run_cli("quantize", tiny_model_dir, "--scheme", "W8A8", "--output", out, *FAST)
+    assert_clean_error(again, "already exists", "--overwrite")
+    assert (out / "model.safetensors").read_bytes() == before  # nothing lost
+
+
+def test_default_output_name_and_percentile_observer(tiny_model_dir, tmp_path):
+    proc = run_cli("quantize", tiny_model_dir, "--scheme", "fp8", "--observer", "percentile",
+                   "--percentile", "99.9", *FAST, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / f"{tiny_model_dir.name}-FP8"
+    report = json.loads((out / "quantization_report.json").read_text())
+    clipped = [layer["activation_clip_pct"] for layer in report["layers"]]
+    assert all(0.0 < c < 0.5 for c in clipped)  # a 99.9th percentile clips about 0.1%
+    assert report["recipe"]["quantize"]["input_activations"]["percentile"] == 99.9
+
+
+def test_group_size_that_does_not_fit_names_the_layers(tiny_model_dir, tmp_path):
+    proc = run_cli("quantize", tiny_model_dir, "--scheme", "W4A16", "--group-size", "96",
+                   "--output", tmp_path / "x", *FAST)
+    assert_clean_error(proc, "does not divide", "model.layers.0.self_attn.q_proj (width 128)",
+                       "--group-size-fallback")
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_recipe_names_the_key(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quantize:\n  scheme: W8A16\n  weights: {bits: 4}\n")
+    proc = run_cli("quantize", tiny_model_dir, "--recipe", recipe, "--output", tmp_path / "x", *FAST)
+    assert_clean_error(proc, "'bits'", "valid keys:")
+
+
+def test_help_explains_schemes_and_observers():
+    proc = run_cli("quantize", "--help")
+    assert proc.returncode == 0
+    for word in ("W8A16", "W4A16", "W8A8", "FP8_DYNAMIC", "FP8_W", "percentile", "mse", "--overwrite"):
+        assert word in proc.stdout
