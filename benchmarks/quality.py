@@ -6,7 +6,7 @@ evaluation split of the built-in corpus (the same tokens for every row), plus KL
 top-1 agreement against the original on 2,048 of those tokens.
 
     python benchmarks/quality.py                     # every configuration (~40 min on 2 cores)
-    python benchmarks/quality.py --only W8A16 FP8    # a subset, by row name prefix
+    python benchmarks/quality.py --only W8A16 FP8    # re-measure rows (by name prefix) in place
 
 Writes benchmarks/results/quality.json and quality.md (rewritten after every row, so an
 interrupted run keeps what it measured).
@@ -75,6 +75,15 @@ def measure(name: str, kwargs: dict, demo_dir: Path, max_tokens: int, reference)
         shutil.rmtree(work, ignore_errors=True)
 
 
+def previous_rows(max_tokens: int) -> list[dict]:
+    """Rows of an earlier run on the same tokens, so that --only re-measures rows in place."""
+    path = RESULTS / "quality.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return data["rows"] if data["meta"]["max_tokens"] == max_tokens else []
+
+
 def write(rows: list[dict], baseline: dict, meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in rows:
@@ -126,12 +135,13 @@ def main() -> int:
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
             "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
     print(f"original: perplexity {baseline['perplexity']:.3f}", flush=True)
-    rows: list[dict] = []
+    rows = previous_rows(args.max_tokens) if args.only else []
     for name, kwargs in CONFIGS:
         if args.only and not any(name.startswith(p) for p in args.only):
             continue
         row = measure(name, kwargs, demo_dir, args.max_tokens, reference)
-        rows.append(row)
+        rows = [r for r in rows if r["name"] != name] + [row]
+        rows.sort(key=lambda r: [n for n, _ in CONFIGS].index(r["name"]) if r["name"] in dict(CONFIGS) else 999)
         write(rows, baseline, meta)
         print(f"{name}: perplexity {row['perplexity']:.3f} ({100 * (row['perplexity'] / baseline['perplexity'] - 1):+.2f}%), "
               f"KL {row['kl_mean']:.4f}, {row['checkpoint_mb']:.1f} MB, {row['quantize_seconds']:.1f} s", flush=True)

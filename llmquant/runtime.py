@@ -39,6 +39,21 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def describe_device() -> str:
+    """The GPU's name, or the CPU's model name and vector extensions, for reports."""
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()}"
+    name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    return f"cpu: {name or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

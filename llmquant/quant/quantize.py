@@ -180,6 +180,7 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                                  only={p.name for p in plans if p.scheme}, progress=progress)
         for name, why in smoothing.skipped.items():
             _say(progress, f"  SmoothQuant skipped {name}: {why}")
+        _round_to_storage(net, set(smoothing.applied) - {p.name for p in plans if p.scheme}, loaded.source_dtype)
     stats, cal_description = _calibrate(net, rec, plans, batches, progress)
     timings["calibration"] = time.perf_counter() - t
 
@@ -196,34 +197,46 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
     timings["quantize"] = time.perf_counter() - t
 
     verification = None
-    out_path = None
     if output is not None:
         qcfg = build_quantization_config(config_groups(rec, plans), unquantized_linear_names(net, plans))
-        with atomic_directory(output, overwrite=overwrite) as tmp:
-            t = time.perf_counter()
-            save_quantized(net, tokenizer, tmp, qcfg, storage_dtype=loaded.source_dtype)
-            (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
-            timings["save"] = time.perf_counter() - t
-            report.checkpoint_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-            if reference is not None:
-                t = time.perf_counter()
-                # Verify what was written, read back through the same loader users get.
-                reloaded = load_model(tmp, dtype=dtype, device=device)
-                verification = compare_to_reference(reloaded.model, windows, reference, progress)
-                del reloaded
-                timings["verify"] = time.perf_counter() - t
-            timings["total"] = time.perf_counter() - t_start
-            report.timings_s = timings
-            report.verification = verification.to_dict() if verification else None
-            report.write(tmp)
-        out_path = Path(output).expanduser().absolute()
+        verification = _save_and_verify(net, tokenizer, rec, report, qcfg, output, overwrite, loaded.source_dtype,
+                                        windows, reference, timings, t_start, dtype=dtype, device=device,
+                                        progress=progress)
     elif reference is not None:
         verification = compare_to_reference(net, windows, reference, progress)
         report.verification = verification.to_dict()
     timings["total"] = time.perf_counter() - t_start
     report.timings_s = timings
+    out_path = Path(output).expanduser().absolute() if output is not None else None
     return QuantizeResult(model=net, tokenizer=tokenizer, recipe=rec, report=report, output_dir=out_path,
                           verification=verification, seconds=timings["total"])
+
+
+def _save_and_verify(net, tokenizer, rec: Recipe, report: QuantReport, qcfg: dict, output, overwrite: bool,
+                     storage_dtype: torch.dtype, windows, reference, timings: dict, t_start: float, *,
+                     dtype, device, progress: bool) -> Agreement | None:
+    """Write the checkpoint into a temporary folder, verify it from disk, then move it into place."""
+    from llmquant.loading import load_model
+
+    verification = None
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        t = time.perf_counter()
+        save_quantized(net, tokenizer, tmp, qcfg, storage_dtype=storage_dtype)
+        (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
+        timings["save"] = time.perf_counter() - t
+        report.checkpoint_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        if reference is not None:
+            t = time.perf_counter()
+            # Verify what was written, read back through the same loader users get.
+            reloaded = load_model(tmp, dtype=dtype, device=device)
+            verification = compare_to_reference(reloaded.model, windows, reference, progress)
+            del reloaded
+            timings["verify"] = time.perf_counter() - t
+            report.verification = verification.to_dict()
+        timings["total"] = time.perf_counter() - t_start
+        report.timings_s = timings
+        report.write(tmp)
+    return verification
 
 
 def _quantize_layer(net, plan: LayerPlan, stat, pack_scale_dtype: torch.dtype) -> LayerReport:
@@ -245,6 +258,16 @@ def _quantize_layer(net, plan: LayerPlan, stat, pack_scale_dtype: torch.dtype) -
             entry.activation_threshold = stat.threshold()
     set_submodule(net, plan.name, qlayer)
     return entry
+
+
+def _round_to_storage(net, names: set[str], storage_dtype: torch.dtype) -> None:
+    """SmoothQuant rescaled these full-precision modules (norms) in the compute dtype; the
+    checkpoint stores them in `storage_dtype`. Round them now so that calibration, the returned
+    model and every runtime that loads the checkpoint see the same numbers."""
+    with torch.no_grad():
+        for name in names:
+            for p in net.get_submodule(name).parameters(recurse=False):
+                p.copy_(p.to(storage_dtype).to(p.dtype))
 
 
 def _calibration_batches(tokenizer, rec: Recipe, plans: list[LayerPlan]) -> torch.Tensor | None:
@@ -305,10 +328,11 @@ def _environment() -> dict:
 
     from llmquant import __version__
 
+    from llmquant.runtime import describe_device
+
     return {"llmquant": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-            or platform.machine()}
+            "device": describe_device()}
 
 
 def _say(progress: bool, message: str) -> None:
