@@ -15,11 +15,13 @@ from llmquant.quant.recipe import GROUP_SIZE_FALLBACKS
 EPILOG = """\
 schemes:
   W8A16        INT8 weights per output channel
-  W4A16        INT4 weights per group (default; group 128, or 64/32 when the model's widths need it)
+  W4A16        INT4 weights per group (default; group 128, or 64/32 when the model's widths
+               need it; mse clipping search)
   W4A16_ASYM   INT4 weights per group with zero points
-  W8A8         INT8 weights per channel + INT8 activations (dynamic per token; --activations static)
+  W8A8         INT8 weights per channel + INT8 activations (dynamic per token; --activations
+               static), after SmoothQuant (--no-smoothquant to skip it)
   FP8          FP8 E4M3 weights per tensor + activations static per tensor (calibrated)
-  FP8_DYNAMIC  FP8 weights per channel + activations dynamic per token
+  FP8_DYNAMIC  FP8 weights per channel + activations dynamic per token, after SmoothQuant
   FP8_W        FP8 weights per channel, activations in the model dtype
 
 examples:

@@ -23,11 +23,15 @@ def baseline_ppl(demo):
     return perplexity(demo, max_tokens=EVAL_TOKENS, progress=False).perplexity
 
 
-@pytest.mark.parametrize("scheme, options, max_ratio", [
-    ("W4A16", dict(group_size=64, observer="mse"), 1.45),
-    ("FP8", dict(num_samples=16, seq_len=256), 1.06),
+# A 135M model is small enough that 4 bits cost it a lot (about +35% perplexity, 2 of 3 next
+# tokens unchanged); FP8 costs a few percent. The bounds sit between what we measure and what a
+# broken scale, packing or smoothing would give (ratios of 2-100x, agreement under 0.3).
+@pytest.mark.parametrize("scheme, options, min_top1, max_ratio", [
+    ("W4A16", dict(group_size=64, observer="mse"), 0.6, 1.45),
+    ("FP8", dict(num_samples=16, seq_len=256), 0.9, 1.06),
 ])
-def test_quantized_demo_model(demo_model_dir, demo, baseline_ppl, tmp_path, scheme, options, max_ratio):
+def test_quantized_demo_model(demo_model_dir, demo, baseline_ppl, tmp_path, scheme, options, min_top1,
+                              max_ratio):
     from transformers import AutoModelForCausalLM
 
     from eval import perplexity
@@ -35,7 +39,7 @@ def test_quantized_demo_model(demo_model_dir, demo, baseline_ppl, tmp_path, sche
 
     out = tmp_path / scheme
     result = quantize(demo_model_dir, scheme=scheme, output=out, progress=False, dtype="float32", **options)
-    assert result.verification.top1_agreement > 0.75
+    assert result.verification.top1_agreement > min_top1, result.verification
 
     served = load_model(out, dtype="float32")
     ppl = perplexity(served, max_tokens=EVAL_TOKENS, progress=False).perplexity
