@@ -1,5 +1,41 @@
-"""Serving llmquant checkpoints through an OpenAI-compatible HTTP API (`llmquant serve`).
+"""Serving: one generation engine and the OpenAI-compatible HTTP API over it.
 
-Not part of this release yet: today a quantized folder is served with vLLM (it reads the
-compressed-tensors format) or run in Python through `llmquant.load_model`.
+    from serve import Engine, SamplingParams, create_app, serve
+    engine = Engine(llmquant.load_model("out/"))            # continuous batching, its own thread
+    for event in engine.generate("Hello", SamplingParams(max_tokens=20)): print(event.text, end="")
+    serve("out/", port=8000)                                # what `llmquant serve out/` runs
+
+Files: engine.py (batching loop), kv_cache.py, sampling.py, detokenizer.py, events.py;
+app.py (routes), protocol.py (request bodies), completions.py / chat.py (responses),
+choices.py / fanout.py (shared plumbing), api_errors.py, metrics.py; server.py (uvicorn,
+graceful shutdown); vllm_backend.py (`--backend vllm`).
 """
+
+from __future__ import annotations
+
+__all__ = ["Engine", "SamplingParams", "TokenEvent", "create_app", "serve"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import serve` must not pull in torch, transformers or FastAPI until used.
+    if name == "Engine":
+        from serve.engine import Engine
+
+        return Engine
+    if name == "SamplingParams":
+        from serve.sampling import SamplingParams
+
+        return SamplingParams
+    if name == "TokenEvent":
+        from serve.events import TokenEvent
+
+        return TokenEvent
+    if name == "create_app":
+        from serve.app import create_app
+
+        return create_app
+    if name == "serve":
+        from serve.server import serve
+
+        return serve
+    raise AttributeError(f"module 'serve' has no attribute {name!r}")

@@ -1,0 +1,357 @@
+"""The generation engine: continuous batching over a loaded model, one background thread.
+
+Every consumer (the HTTP server, eval/, the Python API) submits requests here and receives
+`TokenEvent`s. The loop, in one thread that owns the model:
+1. admits waiting requests, up to `max_batch_size` running sequences and `max_prefill_tokens`
+   per step, and prefills each (its first token is emitted at once: time to first token does not
+   wait for the batch);
+2. runs one decode step for every running sequence together: the quantized layers see M = batch
+   rows, which is where INT4/INT8 kernels pay off;
+3. drops finished and cancelled sequences from the batch and the KV cache before the next step.
+A request that arrives while others decode joins at the next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from serve import kv_cache
+from serve.detokenizer import IncrementalDetokenizer
+from serve.events import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    ContextLengthError,
+    EngineBusyError,
+    EngineStoppedError,
+    TokenEvent,
+)
+from serve.sampling import SamplingParams, apply_penalties, choose_token, make_generator, token_logprobs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_WAITING = 256
+DEFAULT_MAX_PREFILL_TOKENS = 4096
+IDLE_WAIT_S = 0.5
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    on_event: Callable[[TokenEvent], None]
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer
+    output_ids: list[int] = field(default_factory=list)
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    cached: int = 0  # tokens of this sequence in the KV cache
+    cancelled: bool = False
+    finished: bool = False
+
+
+class RequestHandle:
+    """What `submit` returns: the request id and a way to cancel it (frees its slot and KV rows)."""
+
+    def __init__(self, engine: "Engine", seq: _Sequence):
+        self._engine, self._seq = engine, seq
+        self.request_id = seq.request_id
+
+    def cancel(self) -> None:
+        self._seq.cancelled = True
+        self._engine._wake()
+
+
+class Engine:
+    def __init__(self, loaded, *, max_batch_size: int = DEFAULT_MAX_BATCH, max_waiting: int = DEFAULT_MAX_WAITING,
+                 max_model_len: int | None = None, max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.device = next(self.model.parameters()).device
+        self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        window = _sliding_window(self.model.config)
+        if window and window < limit:
+            # Our KV cache keeps every position; within the window that is exactly what sliding
+            # attention computes, beyond it it is not. Stay within it rather than differ silently.
+            log.warning("this model uses sliding-window attention (window %d): context limited to %d tokens",
+                        window, window)
+            limit = window
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # (B, T) 1 where the cache column holds a token of the row
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="llmquant-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[TokenEvent], None],
+               request_id: str | None = None) -> RequestHandle:
+        """Queue a request; `on_event` is called from the engine thread for every token."""
+        max_tokens = self.check_length(len(prompt_ids), params.max_tokens)
+        seq = _Sequence(request_id=request_id or f"req-{next(self._ids)}", prompt_ids=list(prompt_ids),
+                        params=params, max_tokens=max_tokens, on_event=on_event,
+                        generator=make_generator(params.seed),
+                        detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop))
+        with self._cond:
+            if self._stopping:
+                raise EngineStoppedError("The server is shutting down and accepts no new requests.")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineBusyError(f"The server is busy: {len(self._waiting)} requests are already waiting. "
+                                      "Retry shortly.")
+            self._waiting.append(seq)
+            self._cond.notify()
+        return RequestHandle(self, seq)
+
+    def check_length(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The number of tokens the request may generate; raises when it cannot fit the context."""
+        if prompt_tokens == 0:
+            raise ContextLengthError("The prompt is empty.", "prompt")
+        if prompt_tokens >= self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                f"{prompt_tokens} tokens, which leaves no room for the completion. Shorten the prompt.", "prompt")
+        if max_tokens is None:
+            return self.max_model_len - prompt_tokens
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+                "completion). Reduce the prompt or max_tokens.", "max_tokens")
+        return max_tokens
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Blocking iterator over one request's events (the Python API and eval use this)."""
+        import queue
+
+        ids = self.tokenizer(prompt, add_special_tokens=True).input_ids if isinstance(prompt, str) else prompt
+        events: queue.Queue[TokenEvent] = queue.Queue()
+        handle = self.submit(ids, params or SamplingParams(), events.put)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            handle.cancel()  # no-op once finished; frees the slot if the caller stopped early
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; with `drain`, let queued and running ones finish first."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                for seq in itertools.chain(self._waiting, self._running):
+                    seq.cancelled = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                admitted = self._take_waiting()
+                if admitted is None:
+                    return
+                try:
+                    for seq in admitted:
+                        self._prefill(seq)
+                    self._drop_done()
+                    if self._running:
+                        self._decode_step()
+                        self._drop_done()
+                except Exception as e:  # a bug or an out-of-memory: fail the requests, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(admitted, e)
+
+    def _take_waiting(self) -> list[_Sequence] | None:
+        """Requests to prefill now; blocks while there is nothing to do; None when shut down."""
+        with self._cond:
+            while not self._running and not self._waiting:
+                if self._stopping:
+                    return None
+                self._cond.wait(IDLE_WAIT_S)
+            admitted, budget = [], self.max_prefill_tokens
+            while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+                seq = self._waiting[0]
+                if admitted and len(seq.prompt_ids) > budget:
+                    break
+                self._waiting.popleft()
+                if seq.cancelled:
+                    self._finish(seq, FINISH_ABORT)
+                    continue
+                admitted.append(seq)
+                budget -= len(seq.prompt_ids)
+            return admitted
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache,
+                 all_logits: bool) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
+                         use_cache=True, logits_to_keep=0 if all_logits else 1)
+        return out.logits.float()
+
+    def _prefill(self, seq: _Sequence) -> None:
+        if seq.cancelled:
+            self._finish(seq, FINISH_ABORT)
+            return
+        n = len(seq.prompt_ids)
+        ids = torch.tensor([seq.prompt_ids], device=self.device)
+        positions = torch.arange(n, device=self.device)[None]
+        cache = kv_cache.new_cache()
+        logits = self._forward(ids, positions, None, cache, seq.params.prompt_logprobs)[0]  # (n or 1, V)
+        seq.cached = n
+        prompt_lp = _prompt_logprobs(logits, seq.prompt_ids, seq.params.top_logprobs) \
+            if seq.params.prompt_logprobs else None
+        if seq.max_tokens == 0:  # scoring only
+            seq.finished = True
+            self._emit(seq, TokenEvent(request_id=seq.request_id, token_id=None, text="", finish_reason=FINISH_LENGTH,
+                                       prompt_logprobs=prompt_lp, num_prompt_tokens=n))
+            return
+        self._next_token(seq, logits[-1], prompt_lp)
+        if seq.finished:
+            return
+        row_mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+        if self._cache is None:
+            self._cache, self._mask = cache, row_mask
+        else:
+            length = max(self._mask.shape[1], n)
+            self._cache = kv_cache.merge_rows(self._cache, cache)
+            self._mask = torch.cat([_left_pad_mask(self._mask, length), _left_pad_mask(row_mask, length)])
+        self._running.append(seq)
+
+    def _decode_step(self) -> None:
+        rows = self._running
+        ids = torch.tensor([[s.output_ids[-1]] for s in rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[s.cached] for s in rows], device=self.device)  # (B, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        logits = self._forward(ids, positions, self._mask, self._cache, False)[:, -1]  # (B, V)
+        for seq, row in zip(rows, logits):
+            seq.cached += 1
+            if not seq.cancelled:
+                self._next_token(seq, row, None)
+
+    def _next_token(self, seq: _Sequence, logits: torch.Tensor, prompt_lp) -> None:
+        params = seq.params
+        try:
+            token = choose_token(apply_penalties(logits, seq.counts, params), params, seq.generator)
+        except RuntimeError:  # e.g. NaN logits in this row: end this sequence, not the whole batch
+            log.exception("sampling failed for %s", seq.request_id)
+            self._finish(seq, FINISH_ABORT)
+            return
+        logprob, top = None, []
+        if params.logprobs or params.top_logprobs:
+            logprob, top = token_logprobs(torch.log_softmax(logits, dim=-1), token, params.top_logprobs)
+        seq.output_ids.append(token)
+        seq.counts[token] += 1
+        finish = None
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            text, finish = seq.detok.flush(), FINISH_STOP
+        else:
+            text = seq.detok.add(token)
+            if seq.detok.stopped_by is not None:
+                finish = FINISH_STOP
+            elif len(seq.output_ids) >= seq.max_tokens:
+                text, finish = text + seq.detok.flush(), FINISH_LENGTH
+        seq.finished = finish is not None
+        self._emit(seq, TokenEvent(request_id=seq.request_id, token_id=token, text=text, logprob=logprob,
+                                   top_logprobs=top, finish_reason=finish, prompt_logprobs=prompt_lp,
+                                   num_prompt_tokens=len(seq.prompt_ids), num_generated=len(seq.output_ids)))
+
+    def _drop_done(self) -> None:
+        """Remove finished and cancelled rows from the batch, the mask and the KV cache."""
+        keep = [i for i, s in enumerate(self._running) if not s.finished and not s.cancelled]
+        if len(keep) == len(self._running):
+            return
+        for s in self._running:
+            if s.cancelled and not s.finished:
+                self._finish(s, FINISH_ABORT)
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = None
+            return
+        mask = self._mask[keep]
+        lead = int((mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # columns that are padding in every row
+        self._mask = mask[:, lead:]
+        self._cache = kv_cache.keep_rows(self._cache, keep, lead)
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        seq.finished = True
+        self._emit(seq, TokenEvent(request_id=seq.request_id, token_id=None, text="", finish_reason=reason,
+                                   num_prompt_tokens=len(seq.prompt_ids), num_generated=len(seq.output_ids)))
+
+    def _emit(self, seq: _Sequence, event: TokenEvent) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:  # a consumer's bug must not stop the other requests
+            log.exception("event callback of %s failed; cancelling it", seq.request_id)
+            seq.cancelled = True
+
+    def _fail_all(self, admitted: list[_Sequence], error: Exception) -> None:
+        for seq in itertools.chain(admitted, self._running):
+            if not seq.finished:
+                self._finish(seq, FINISH_ABORT)
+        self._running, self._cache, self._mask = [], None, None
+
+
+def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    pad = length - mask.shape[1]
+    return mask if pad == 0 else torch.cat([mask.new_zeros(mask.shape[0], pad), mask], dim=1)
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], top: int):
+    """Per prompt token: None for the first, else (logprob given the tokens before, top alternatives)."""
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)  # (n - 1, V): row i predicts token i + 1
+    targets = torch.tensor(prompt_ids[1:], device=logits.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    alternatives = [[] for _ in chosen]
+    if top:
+        values, ids = torch.topk(logprobs, top, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [None] + [(c, a) for c, a in zip(chosen, alternatives)]
+
+
+def _sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return window
+    return window if getattr(config, "use_sliding_window", True) else None
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return ids
