@@ -30,8 +30,19 @@ MSE_NORM = 2.4
 
 
 def round_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """The scale as it will be stored (and read back by any runtime), in float32."""
-    return scale.to(dtype).float()
+    """The scale as it will be stored (and read back by any runtime), in float32, rounded up.
+
+    Rounded to nearest, a bf16 scale can come out up to 0.4% small, which puts the extreme
+    weight of the range past the last grid level: clipped by up to half a step at 8 bits. Up,
+    the range always fits, which is what `minmax` promises.
+    """
+    scale = scale.float()
+    if dtype == torch.float32:
+        return scale
+    stored = scale.to(dtype)
+    below = stored.float() < scale
+    stored = torch.where(below, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    return stored.float()
 
 
 def qparams_for_range(lo: Tensor, hi: Tensor, args: QuantArgs, scale_dtype: torch.dtype

@@ -53,11 +53,16 @@ def test_percentile_clips_the_top_of_each_channel():
     assert 0.002 < clipped < 0.02  # about 1% of each row sits above its 99th percentile
 
 
-def test_scales_are_rounded_to_their_storage_dtype():
-    w = torch.randn(8, 64)
-    args = QuantArgs(num_bits=4, strategy="group", group_size=32)
+def test_scales_are_rounded_up_to_their_storage_dtype_so_minmax_clips_nothing():
+    w = torch.randn(256, 64)
+    args = QuantArgs(num_bits=8, strategy="channel")
+    exact, _ = weight_qparams(w, args)
     scale, _ = weight_qparams(w, args, scale_dtype=torch.bfloat16)
-    assert torch.equal(scale, scale.to(torch.bfloat16).float())
+    assert torch.equal(scale, scale.to(torch.bfloat16).float())  # representable as stored
+    assert (scale >= exact).all() and (scale <= exact * (1 + 2 ** -7)).all()  # the next bf16 up at most
+    assert (scale > exact).any()  # (rounding to nearest would have gone down for about half)
+    q = quantize(grouped_view(w, args), scale, None, args).reshape(w.shape).float()
+    assert (q * scale - w).abs().max() <= scale.max() / 2 + 1e-6  # every weight within half a step
 
 
 def test_histogram_percentile_matches_exact_quantile_over_streamed_batches():
