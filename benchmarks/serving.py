@@ -106,6 +106,7 @@ async def load_test(url: str, all_prompts: list[list[int]], concurrency: int) ->
     t = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t
+    await client.close()  # before asyncio.run closes the loop under its connections
     ttft = [r[0] for r in results]
     tokens = sum(r[2] for r in results)
     return {"concurrency": concurrency, "requests": n, "output_tokens": tokens, "seconds": wall,
