@@ -70,7 +70,8 @@ def measure(name: str, kwargs: dict, demo_dir: Path, max_tokens: int, reference)
         windows, ref_logprobs = reference
         agree = compare_to_reference(served.model, windows, ref_logprobs, progress=False)
         return {"name": name, "options": kwargs, "perplexity": ppl.perplexity, "checkpoint_mb": size / 1e6,
-                "quantize_seconds": seconds, "kl_mean": agree.kl_mean, "top1_agreement": agree.top1_agreement}
+                "quantize_seconds": seconds, "kl_mean": agree.kl_mean, "top1_agreement": agree.top1_agreement,
+                "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -103,8 +104,11 @@ def write(rows: list[dict], baseline: dict, meta: dict) -> None:
     for r in rows:
         lines.append(f"| {r['name']} | {r['perplexity']:.3f} | {r['change_pct']:+.2f}% | {r['kl_mean']:.4f} | "
                      f"{100 * r['top1_agreement']:.1f}% | {r['checkpoint_mb']:.1f} | {r['quantize_seconds']:.1f} |")
-    lines += ["", f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} threads, float32 compute.",
-              f"Command: `{meta['command']}`", ""]
+    lines += ["", f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} threads, float32 compute."]
+    commands: dict[str, int] = {}
+    for r in rows:
+        commands[r.get("command", meta["command"])] = commands.get(r.get("command", meta["command"]), 0) + 1
+    lines += [f"Rows measured by `{c}`: {n}" for c, n in commands.items()] + [""]
     (RESULTS / "quality.md").write_text("\n".join(lines))
 
 

@@ -17,7 +17,8 @@ schemes:
   W8A16        INT8 weights per output channel
   W4A16        INT4 weights per group (default; group 128, or 64/32 when the model's widths
                need it; mse clipping search)
-  W4A16_ASYM   INT4 weights per group with zero points
+  W4A16_ASYM   INT4 weights per group with zero points (better INT4 quality; vLLM loads it,
+               transformers not yet: see README)
   W8A8         INT8 weights per channel + INT8 activations (dynamic per token; --activations
                static), after SmoothQuant (--no-smoothquant to skip it)
   FP8          FP8 E4M3 weights per tensor + activations static per tensor (calibrated)

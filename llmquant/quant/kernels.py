@@ -4,11 +4,11 @@ Every kernel computes what `QuantizedLinear.reference_forward` defines (dequanti
 matmul). Choices follow measurements (benchmarks/kernels_cpu.py; results in benchmarks/results/):
 - CPU, INT4 groups of 32-256 and symmetric per-channel INT8, up to 64 rows (decode, small
   batches): torch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`, fed bfloat16
-  activations. Their float32 path is 20-60x slower than their bf16 path (1.7 ms vs 0.08 ms for
+  activations. Their float32 path is 10-30x slower than their bf16 path (1.1 ms vs 0.09 ms for
   a 576x1536 INT4 layer at M=1 on an AVX2 CPU), so activations are rounded to bf16 first,
   as llama.cpp rounds them to 8 bits for its dot products.
 - CPU, more rows (prefill, perplexity): dequantize to the compute dtype and run a dense
-  matmul (7 ms vs 14 ms for int4pack at M=512 on the same CPU).
+  matmul (9.9 ms vs 18.9 ms for int4pack at M=512 on the same CPU).
 - CUDA, INT4 groups: tinygemm `_weight_int4pack_mm` for M <= 16 (decode), where it beats
   bf16; it is 10x slower than bf16 at M=256, so larger M dequantizes to bf16.
 - CUDA, FP8 with FP8 activations: `_scaled_mm` on real FP8 operands.

@@ -12,13 +12,15 @@ PRESETS: dict[str, QuantScheme] = {
     # INT8 weights per output channel, activations in the model dtype.
     "W8A16": QuantScheme(weights=_INT8_CHANNEL),
     # INT4 weights per group of input columns; group size 128 unless the model's widths
-    # need a smaller one (quantize() chooses, or the recipe says). The mse observer searches
-    # each group's clipping: -10 points of perplexity increase on the demo model vs minmax,
-    # for a few seconds of data-free work.
+    # need a smaller one (quantize() chooses, or the recipe says). Observers as measured on the
+    # demo model (group 64, benchmarks/results/quality.md): symmetric groups waste part of
+    # their grid, and the mse clipping search wins back some (+37.6% perplexity vs +41.0% with
+    # minmax); asymmetric groups already fit their range, and clipping only hurts there
+    # (minmax +30.3%, mse +36.2%).
     "W4A16": QuantScheme(weights=QuantArgs(num_bits=4, type=INT, strategy="group", group_size=128,
                                            observer="mse")),
     "W4A16_ASYM": QuantScheme(weights=QuantArgs(num_bits=4, type=INT, strategy="group", group_size=128,
-                                                symmetric=False, observer="mse")),
+                                                symmetric=False, observer="minmax")),
     # INT8 weights per channel + INT8 activations, dynamic per token (static per tensor with
     # activations: static).
     "W8A8": QuantScheme(weights=_INT8_CHANNEL,
