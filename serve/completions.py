@@ -50,6 +50,7 @@ class _Choice:
     logprobs: _Logprobs | None = None
     finish_reason: str | None = None
     generated: int = 0
+    started: bool = False  # an event has arrived (with echo, the prompt goes before it)
 
 
 def _add_prompt(choice: _Choice, text: str, prompt_ids: list[int], prompt_lp, token_text: TokenText) -> str:
@@ -72,6 +73,18 @@ def _add_token(choice: _Choice, event, token_text: TokenText) -> None:
     choice.offset += len(event.text)
 
 
+def _consume(choice: _Choice, event, echo_text: str | None, prompt_ids: list[int], token_text: TokenText) -> str:
+    """Apply one event to its choice; returns the text it adds (the echoed prompt first)."""
+    text = ""
+    if echo_text is not None and not choice.started:
+        text = _add_prompt(choice, echo_text, prompt_ids, event.prompt_logprobs, token_text)
+    choice.started = True
+    _add_token(choice, event, token_text)
+    choice.generated = event.num_generated
+    choice.finish_reason = event.finish_reason or choice.finish_reason
+    return text + event.text
+
+
 async def create_completion(req: CompletionRequest, state, request):
     engine, tokenizer = state.engine, state.engine.tokenizer
     params = req.params()
@@ -91,18 +104,11 @@ async def create_completion(req: CompletionRequest, state, request):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(_stream(fan, req, prompts, prompt_texts, choices, ids, token_text, prompt_tokens,
                                          include_usage, request), media_type="text/event-stream")
-    echoed: set[int] = set()
     try:
         async for index, event in fan.events(request):
-            choice = choices[index]
-            if req.echo and index not in echoed:
-                echoed.add(index)
-                p = index // req.n
-                choice.text += _add_prompt(choice, prompt_texts[p], prompts[p], event.prompt_logprobs, token_text)
-            _add_token(choice, event, token_text)
-            choice.text += event.text
-            choice.generated = event.num_generated
-            choice.finish_reason = event.finish_reason or choice.finish_reason
+            p = index // req.n
+            choices[index].text += _consume(choices[index], event, prompt_texts[p] if req.echo else None, prompts[p],
+                                            token_text)
             raise_if_aborted(event.finish_reason)
     finally:
         fan.cancel()
@@ -115,28 +121,20 @@ async def create_completion(req: CompletionRequest, state, request):
 async def _stream(fan: Fanout, req: CompletionRequest, prompts, prompt_texts, choices, ids, token_text,
                   prompt_tokens: int, include_usage: bool, request):
     extra = {"usage": None} if include_usage else {}
-    echoed: set[int] = set()
     try:
         async for index, event in fan.events(request):
             choice = choices[index]
-            text = ""
-            if req.echo and index not in echoed:
-                echoed.add(index)
-                p = index // req.n
-                text = _add_prompt(choice, prompt_texts[p], prompts[p], event.prompt_logprobs, token_text)
+            p = index // req.n
             start = len(choice.logprobs.tokens) if choice.logprobs else 0
-            _add_token(choice, event, token_text)
-            choice.generated = event.num_generated
-            text += event.text
+            text = _consume(choice, event, prompt_texts[p] if req.echo else None, prompts[p], token_text)
             if not text and event.finish_reason is None and choice.logprobs is None:
                 continue
             logprobs = None
-            if choice.logprobs is not None:
-                lp = choice.logprobs
-                logprobs = {k: v[start:] for k, v in lp.to_dict().items()}
+            if choice.logprobs is not None:  # only the entries this event added
+                logprobs = {k: v[start:] for k, v in choice.logprobs.to_dict().items()}
             yield sse({**ids, "object": "text_completion",
                        "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                                    "finish_reason": event.finish_reason}], **extra})
+                                    "finish_reason": event.finish_reason}], **extra})
         if include_usage:
             yield sse({**ids, "object": "text_completion", "choices": [],
                        "usage": usage(prompt_tokens, sum(c.generated for c in choices.values()))})

@@ -188,9 +188,9 @@ class Engine:
                     if self._running:
                         self._decode_step()
                         self._drop_done()
-                except Exception as e:  # a bug or an out-of-memory: fail the requests, keep serving
+                except Exception:  # a bug or an out-of-memory: fail the requests, keep serving
                     log.exception("engine step failed")
-                    self._fail_all(admitted, e)
+                    self._fail_all(admitted)
 
     def _take_waiting(self) -> list[_Sequence] | None:
         """Requests to prefill now; blocks while there is nothing to do; None when shut down."""
@@ -314,7 +314,7 @@ class Engine:
             log.exception("event callback of %s failed; cancelling it", seq.request_id)
             seq.cancelled = True
 
-    def _fail_all(self, admitted: list[_Sequence], error: Exception) -> None:
+    def _fail_all(self, admitted: list[_Sequence]) -> None:
         for seq in itertools.chain(admitted, self._running):
             if not seq.finished:
                 self._finish(seq, FINISH_ABORT)

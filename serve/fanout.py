@@ -1,8 +1,8 @@
 """One HTTP request = several engine requests (prompts x n); their events merged for asyncio.
 
 The engine calls back from its own thread; `call_soon_threadsafe` hands each event to the
-event loop. Leaving the `async with` block for any reason (finished, client gone, error)
-cancels whatever is still generating, which frees its batch slot and KV rows.
+event loop. Callers `cancel()` in a `finally` when they stop reading for any reason (finished,
+client gone, error), which frees the batch slots and KV rows of whatever still generates.
 """
 
 from __future__ import annotations
@@ -32,12 +32,6 @@ class Fanout:
         self.handles = []
         self.open: set[int] = set()
         self.times: dict[int, ChoiceTimes] = {}
-
-    async def __aenter__(self) -> "Fanout":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.cancel()
 
     def submit(self, index: int, prompt_ids: list[int], params: SamplingParams) -> None:
         def on_event(event: TokenEvent, index=index) -> None:

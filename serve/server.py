@@ -51,7 +51,7 @@ def serve(model=None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api
     app = create_app(engine, name, api_key=api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=shutdown_timeout)
-    server = _Server(config, app, engine)
+    server = _graceful_server(config, app, engine)
     if ready_message:
         where = "all interfaces" if host in ("0.0.0.0", "::") else host
         print(f"serving {name} ({loaded.source.describe()}) on http://{host}:{port}/v1 ({where}); "
@@ -63,25 +63,18 @@ def serve(model=None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api
         engine.shutdown(drain=False, timeout=5)
 
 
-class _Server:
-    """uvicorn's server, with the app told to refuse new requests as soon as a signal arrives."""
+def _graceful_server(config, app, engine):
+    """uvicorn's server, telling the app to refuse new requests as soon as a signal arrives and
+    stopping the engine once the requests in flight are done."""
+    import uvicorn
 
-    def __init__(self, config, app, engine):
-        import uvicorn
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.llm.accepting = False  # new requests on kept-alive connections: 503
+            super().handle_exit(sig, frame)
 
-        app_state = app.state.llm
-        engine_ref = engine
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets)  # waits for in-flight requests (graceful timeout)
+            engine.shutdown(drain=True, timeout=5)
 
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig, frame):
-                app_state.accepting = False  # new requests on kept-alive connections: 503
-                super().handle_exit(sig, frame)
-
-            async def shutdown(self, sockets=None):
-                await super().shutdown(sockets)  # waits for in-flight requests (graceful timeout)
-                engine_ref.shutdown(drain=True, timeout=5)
-
-        self._server = Server(config)
-
-    def run(self) -> None:
-        self._server.run()
+    return GracefulServer(config)
