@@ -3,8 +3,9 @@
 Every consumer (the HTTP server, eval/, the Python API) submits requests here and receives
 `TokenEvent`s. The loop, in one thread that owns the model:
 1. admits waiting requests, up to `max_batch_size` running sequences and `max_prefill_tokens`
-   per step, and prefills each (its first token is emitted at once: time to first token does not
-   wait for the batch);
+   (padded) prompt tokens per step, and prefills them together in one left-padded forward pass
+   (one pass over the weights for all of them: an INT4 layer dequantizes once, not once per
+   request); each first token is emitted at once, before the next decode step;
 2. runs one decode step for every running sequence together: the quantized layers see M = batch
    rows, which is where INT4/INT8 kernels pay off;
 3. drops finished and cancelled sequences from the batch and the KV cache before the next step.
@@ -88,6 +89,7 @@ class Engine:
             limit = window
         self.max_model_len = min(max_model_len or limit, limit)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self._cache_kwarg = _cache_kwarg(self.model)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
         self._cache = None
@@ -182,8 +184,8 @@ class Engine:
                 if admitted is None:
                     return
                 try:
-                    for seq in admitted:
-                        self._prefill(seq)
+                    for group in _prefill_groups(admitted):
+                        self._prefill(group)
                     self._drop_done()
                     if self._running:
                         self._decode_step()
@@ -199,53 +201,72 @@ class Engine:
                 if self._stopping:
                     return None
                 self._cond.wait(IDLE_WAIT_S)
-            admitted, budget = [], self.max_prefill_tokens
+            admitted, longest = [], 0
             while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
                 seq = self._waiting[0]
-                if admitted and len(seq.prompt_ids) > budget:
+                # Prompts are prefilled together, left-padded to the longest: that padded size
+                # is what the forward pass costs in time and activation memory.
+                padded = (len(admitted) + 1) * max(longest, len(seq.prompt_ids))
+                if admitted and padded > self.max_prefill_tokens:
                     break
                 self._waiting.popleft()
                 if seq.cancelled:
                     self._finish(seq, FINISH_ABORT)
                     continue
                 admitted.append(seq)
-                budget -= len(seq.prompt_ids)
+                longest = max(longest, len(seq.prompt_ids))
             return admitted
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache,
                  all_logits: bool) -> torch.Tensor:
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, **{self._cache_kwarg: cache},
                          use_cache=True, logits_to_keep=0 if all_logits else 1)
         return out.logits.float()
 
-    def _prefill(self, seq: _Sequence) -> None:
-        if seq.cancelled:
-            self._finish(seq, FINISH_ABORT)
+    def _prefill(self, group: list[_Sequence]) -> None:
+        """One forward pass over the prompts of `group`, left-padded to the longest; the rows
+        that go on generating join the running batch."""
+        for seq in group:
+            if seq.cancelled:
+                self._finish(seq, FINISH_ABORT)
+        group = [s for s in group if not s.cancelled]
+        if not group:
             return
-        n = len(seq.prompt_ids)
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
-        positions = torch.arange(n, device=self.device)[None]
+        want_prompt_lp = any(s.params.prompt_logprobs for s in group)  # only ever alone: see _prefill_groups
+        length = max(len(s.prompt_ids) for s in group)
+        pads = [length - len(s.prompt_ids) for s in group]
+        ids = torch.tensor([[0] * p + s.prompt_ids for p, s in zip(pads, group)], device=self.device)  # (G, T)
+        mask = (torch.arange(length, device=self.device)[None] >= torch.tensor(pads, device=self.device)[:, None])
+        mask = mask.long()  # (G, T) 1 on prompt tokens
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its own first token
         cache = kv_cache.new_cache()
-        logits = self._forward(ids, positions, None, cache, seq.params.prompt_logprobs)[0]  # (n or 1, V)
-        seq.cached = n
-        prompt_lp = _prompt_logprobs(logits, seq.prompt_ids, seq.params.top_logprobs) \
-            if seq.params.prompt_logprobs else None
-        if seq.max_tokens == 0:  # scoring only
-            seq.finished = True
-            self._emit(seq, TokenEvent(request_id=seq.request_id, token_id=None, text="", finish_reason=FINISH_LENGTH,
-                                       prompt_logprobs=prompt_lp, num_prompt_tokens=n))
+        logits = self._forward(ids, positions, mask if any(pads) else None, cache, want_prompt_lp)  # (G, T or 1, V)
+        survivors = []
+        for i, (seq, pad) in enumerate(zip(group, pads)):
+            seq.cached = len(seq.prompt_ids)
+            prompt_lp = _prompt_logprobs(logits[i, pad:], seq.prompt_ids, seq.params.top_logprobs) \
+                if seq.params.prompt_logprobs else None
+            if seq.max_tokens == 0:  # scoring only
+                seq.finished = True
+                self._emit(seq, TokenEvent(request_id=seq.request_id, token_id=None, text="",
+                                           finish_reason=FINISH_LENGTH, prompt_logprobs=prompt_lp,
+                                           num_prompt_tokens=seq.cached))
+                continue
+            self._next_token(seq, logits[i, -1], prompt_lp)
+            if not seq.finished:
+                survivors.append(i)
+        if not survivors:
             return
-        self._next_token(seq, logits[-1], prompt_lp)
-        if seq.finished:
-            return
-        row_mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+        lead = min(pads[i] for i in survivors)  # padding columns shared by every surviving row
+        if len(survivors) < len(group) or lead:
+            cache, mask = kv_cache.keep_rows(cache, survivors, lead), mask[survivors, lead:]
         if self._cache is None:
-            self._cache, self._mask = cache, row_mask
+            self._cache, self._mask = cache, mask
         else:
-            length = max(self._mask.shape[1], n)
+            width = max(self._mask.shape[1], mask.shape[1])
             self._cache = kv_cache.merge_rows(self._cache, cache)
-            self._mask = torch.cat([_left_pad_mask(self._mask, length), _left_pad_mask(row_mask, length)])
-        self._running.append(seq)
+            self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
+        self._running.extend(group[i] for i in survivors)
 
     def _decode_step(self) -> None:
         rows = self._running
@@ -321,6 +342,14 @@ class Engine:
         self._running, self._cache, self._mask = [], None, None
 
 
+def _prefill_groups(admitted: list[_Sequence]) -> list[list[_Sequence]]:
+    """Requests that want prompt logprobs are prefilled alone (they need logits at every prompt
+    position: (T, V) floats, which for a padded group would be G times that); the rest together."""
+    alone = [[s] for s in admitted if s.params.prompt_logprobs]
+    together = [s for s in admitted if not s.params.prompt_logprobs]
+    return alone + ([together] if together else [])
+
+
 def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     pad = length - mask.shape[1]
     return mask if pad == 0 else torch.cat([mask.new_zeros(mask.shape[0], pad), mask], dim=1)
@@ -345,6 +374,13 @@ def _sliding_window(config) -> int | None:
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         return window
     return window if getattr(config, "use_sliding_window", True) else None
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, then goes)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -48,6 +48,43 @@ def test_concurrent_greedy_matches_generate(engine, tiny_loaded):
         assert results[k] == reference_greedy(tiny_loaded, ids[k], lengths[k]), k
 
 
+def test_requests_admitted_together_share_one_padded_prefill(tiny_loaded):
+    """Prompts of different lengths admitted in the same step are prefilled in one left-padded
+    forward pass and then decode together; each still gets exactly what generate() gives it
+    alone, including a row that finishes during the prefill (max_tokens=1)."""
+    from serve.engine import Engine
+
+    ids = [tiny_loaded.tokenizer(p).input_ids for p in PROMPTS]
+    lengths = [24, 1, 16, 30, 12, 20]
+    eng = Engine(tiny_loaded)
+    forwards: list[tuple[int, ...]] = []
+    hook = tiny_loaded.model.model.embed_tokens.register_forward_hook(
+        lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    try:
+        events: dict[int, list] = {k: [] for k in range(len(ids))}
+        done = threading.Semaphore(0)
+
+        def on_event(k):
+            def receive(e):
+                events[k].append(e)
+                if e.finish_reason is not None:
+                    done.release()
+            return receive
+
+        with eng._cond:  # hold the engine loop so that every request is waiting when it looks
+            for k in range(len(ids)):
+                eng.submit(ids[k], SamplingParams(temperature=0, max_tokens=lengths[k], ignore_eos=True),
+                           on_event(k))
+        for _ in ids:
+            assert done.acquire(timeout=60)
+    finally:
+        hook.remove()
+        eng.shutdown(drain=False, timeout=10)
+    assert forwards[0] == (len(ids), max(map(len, ids)))  # one prefill for all, padded to the longest
+    for k in range(len(ids)):
+        assert tokens(events[k]) == reference_greedy(tiny_loaded, ids[k], lengths[k]), k
+
+
 def test_late_request_joins_running_batch(engine, tiny_loaded):
     """A short request submitted while a long one decodes finishes first: it joined the batch
     instead of waiting for the long one to end."""
