@@ -47,7 +47,8 @@ class ServerProcess:
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llmquant-serve-{self.port}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmquant", "serve", str(model), "--port", str(self.port), "--dtype", "float32",
-             *args], stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+             *args], stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -113,3 +114,15 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the test process dies (a crash skips fixture teardown
+    and would leave servers running)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
