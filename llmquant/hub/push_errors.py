@@ -7,6 +7,7 @@ answer is scrubbed of it (a server may echo a header back).
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator
 
 from llmquant.errors import HubPushError, HubUnreachableError, LLMQuantError
@@ -41,12 +42,19 @@ def translate_push_error(error: BaseException, repo_id: str, endpoint: str, toke
                          revision: str | None, doing: str) -> LLMQuantError | None:
     hub = _hub_error_classes()
     where = f"the Hub at {endpoint}"
+    at_hub = f"The Hub at {endpoint}"
 
     def server_says(err: BaseException) -> str:
         text = getattr(err, "server_message", None) or str(err)
         first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
         return _redact(first, token)[:300]
 
+    xet = _xet_refused(error)
+    if xet is not None:
+        return HubPushError(
+            f"{at_hub} does not offer Xet storage, which huggingface_hub uses for large files when hf_xet is "
+            f"installed (its Xet credentials endpoint answered {xet}). For a Hub mirror that stores large files "
+            "with Git LFS, run again with HF_HUB_DISABLE_XET=1.")
     if _is_network_error(error) or (isinstance(error, (RuntimeError, OSError)) and _network_cause(error)):
         cause = _network_cause(error) or error
         return HubUnreachableError(
@@ -60,7 +68,7 @@ def translate_push_error(error: BaseException, repo_id: str, endpoint: str, toke
             "creates it), or drop --revision.")
     if isinstance(error, hub.RepositoryNotFoundError):
         return HubPushError(
-            f"{where} has no repository {repo_id} that the token in use can write to (while {doing}). Check the "
+            f"{at_hub} has no repository {repo_id} that the token in use can write to (while {doing}). Check the "
             "namespace (your user name or an organization you belong to) and that the token has write access "
             f"to it. {TOKEN_ADVICE}")
     response = getattr(error, "response", None)
@@ -68,16 +76,31 @@ def translate_push_error(error: BaseException, repo_id: str, endpoint: str, toke
     if isinstance(error, hub.HfHubHTTPError) and status in (401, 403):
         reason = ("the token is missing, invalid or expired" if status == 401
                   else "the token has no write access to this repository or namespace")
-        return HubPushError(f"{where} refused the upload to {repo_id} while {doing} (HTTP {status}): {reason}. "
+        return HubPushError(f"{at_hub} refused the upload to {repo_id} while {doing} (HTTP {status}): {reason}. "
                             f"{TOKEN_ADVICE}")
     if isinstance(error, hub.HfHubHTTPError) and status is not None:
         retry = " Try again later." if status >= 500 else ""
-        return HubPushError(f"{where} answered HTTP {status} while {doing} for {repo_id}: "
+        return HubPushError(f"{at_hub} answered HTTP {status} while {doing} for {repo_id}: "
                             f"{server_says(error)}.{retry}")
     if isinstance(error, ValueError) and "metadata in README.md" in str(error):
         details = "; ".join(line.strip("- ").strip() for line in str(error).splitlines()[1:] if line.strip())
-        return HubPushError(f"{where} rejected the model card's metadata (README.md): {_redact(details, token)}. "
+        return HubPushError(f"{at_hub} rejected the model card's metadata (README.md): {_redact(details, token)}. "
                             "Fix the YAML block at the top of README.md, or pass --overwrite-card to regenerate it.")
+    return None
+
+
+def _xet_refused(error: BaseException) -> str | None:
+    """hf_xet reports an HTTP error from the Xet token endpoint as a ConnectionError whose text
+    names the URL: "... HTTP status client error (404 Not Found), domain: .../xet-write-token/main"."""
+    seen: BaseException | None = error
+    for _ in range(5):
+        if seen is None:
+            return None
+        text = str(seen)
+        if "xet-write-token" in text:
+            match = re.search(r"HTTP status (?:client|server) error \(([^)]*)\)", text)
+            return f"HTTP {match.group(1)}" if match else "with an error"
+        seen = seen.__cause__ or seen.__context__
     return None
 
 
