@@ -40,6 +40,7 @@ def test_push_uploads_every_file_byte_identical_in_one_commit(upload_hub, folder
     assert puts and all(r.authorization is None for r in puts)
     assert all(r.authorization == f"Bearer {hub_consts.token}" for r in upload_hub.requests if r.method != "PUT")
     assert not any(hub_consts.token in r.path for r in upload_hub.requests)
+    assert not any(hub_consts.token.encode() in data for data in head.files.values())
 
 
 def test_push_again_commits_only_what_changed(upload_hub, folder, hub_consts, no_xet):
@@ -78,6 +79,18 @@ def test_create_pr_opens_a_pull_request_instead_of_committing(upload_hub, folder
     assert pr.commit.files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
     assert pr.commit.files["README.md"] == b"# shared\n" or pr.commit.files["README.md"] == result.card.encode()
     assert all(r.query.get("create_pr") == ["1"] for r in upload_hub.seen("/org/shared/commit/"))
+
+
+def test_create_pr_with_revision_targets_that_branch(upload_hub, folder, hub_consts, no_xet):
+    upload_hub.add_repo("org/dev", hub_consts.token)
+    llmquant.push(folder, "org/dev", revision="dev", endpoint=upload_hub.url, token=hub_consts.token)
+    (folder / "perplexity_quantized.json").write_text('{"perplexity": 2.0}')
+    result = llmquant.push(folder, "org/dev", revision="dev", create_pr=True, endpoint=upload_hub.url,
+                           token=hub_consts.token)
+    repo = upload_hub.repos["org/dev"]
+    (pr,) = repo.pulls
+    assert pr.target == "dev" and len(repo.branches["dev"]) == 2 and result.pr_url.endswith(f"/{pr.num}")
+    assert pr.commit.files == _tree(folder)
 
 
 def test_create_pr_against_a_missing_branch_is_one_clear_error(upload_hub, folder, hub_consts, no_xet):
