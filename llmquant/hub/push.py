@@ -16,7 +16,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmquant.errors import HubPushError, InvalidConfigError, LLMQuantError, SourceNotFoundError
+from llmquant.errors import (
+    HubPushError,
+    HubUnreachableError,
+    InvalidConfigError,
+    LLMQuantError,
+    SourceNotFoundError,
+)
 from llmquant.hub.card_facts import CARD_FILE, RELATIONS, CardFacts
 from llmquant.hub.model_card import build_model_card
 from llmquant.hub.push_errors import PushStep, push_errors
@@ -53,6 +59,13 @@ def check_push_target(repo_id: str, token: str | None = None) -> str:
     Commands that push at the end of long work (quantize, distill) call this first, so that a
     typo or a missing login fails in a second, not after the work."""
     _check_repo_id(repo_id)
+    from huggingface_hub import constants
+
+    from llmquant.loading.hub_errors import _is_offline
+
+    if _is_offline(constants):
+        raise HubUnreachableError(f"HF_HUB_OFFLINE=1 forbids any upload; unset it to push {repo_id} "
+                                  "(--dry-run shows what would be pushed without network).")
     token = token or _saved_token()
     if not token:
         raise HubPushError(
@@ -117,9 +130,9 @@ def check_loadable(folder: Path, *, allow_pickle: bool = False, trust_remote_cod
     if not folder.is_dir():
         raise SourceNotFoundError(f"{folder} is not a folder: pass the model folder to push "
                                   "(config.json, tokenizer, safetensors weights).")
-    source = _local_source(str(folder), folder.resolve())
-    where = f"The folder {source.path}"
     try:
+        source = _local_source(str(folder), folder.resolve())
+        where = f"The folder {source.path}"
         check_model_folder(source.path, where, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         load_tokenizer(source.path, trust_remote_code)
     except LLMQuantError as e:

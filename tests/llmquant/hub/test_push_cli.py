@@ -104,3 +104,13 @@ def test_cli_mirror_without_xet_says_what_to_set(hub_env, folder, capsys, hub_co
 def test_cli_bad_repo_id(folder, capsys, hub_consts):
     line = _one_line_error(capsys, main(["push", str(folder), "no-namespace"]), 2, hub_consts.token)
     assert "NAMESPACE/NAME" in line
+
+
+def test_cli_offline_mode_refuses_to_upload(hub_env, folder, capsys, upload_hub, hub_consts):
+    from huggingface_hub import constants
+
+    hub_env.setattr(constants, "HF_HUB_OFFLINE", True)
+    before = len(upload_hub.requests)
+    line = _one_line_error(capsys, main(["push", str(folder), "me/offline-mode"]), 1, hub_consts.token)
+    assert "HF_HUB_OFFLINE=1 forbids any upload" in line and len(upload_hub.requests) == before
+    assert main(["push", str(folder), "me/offline-mode", "--dry-run"]) == 0  # a dry run needs no network
