@@ -97,12 +97,11 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     card_path = folder / CARD_FILE
     card_action = "kept" if card_path.is_file() and not overwrite_card else \
         ("regenerated" if card_path.is_file() else "generated")
+    card, facts = build_model_card(folder, repo_id, base_model=base_model, relation=relation, license=license)
     notes: list[str] = []
     if card_action == "kept":
         card = card_path.read_text(encoding="utf-8", errors="replace")
-        facts = None
     else:
-        card, facts = build_model_card(folder, repo_id, base_model=base_model, relation=relation, license=license)
         notes += _card_notes(facts)
     files = _listing(folder)
     if card_action != "kept":
@@ -187,10 +186,10 @@ def _card_notes(facts: CardFacts) -> list[str]:
     return notes
 
 
-def _default_message(facts: CardFacts | None) -> str:
+def _default_message(facts: CardFacts) -> str:
     from llmquant import __version__
 
-    what = f"{facts.scheme} checkpoint" if facts is not None and facts.scheme else "model"
+    what = f"{facts.scheme} checkpoint" if facts.scheme else "model"
     return f"Upload {what} with llmquant {__version__}"
 
 

@@ -266,7 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
         for obj in payload["objects"]:
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
             if obj["oid"] not in self.hub.lfs:  # already stored objects need no upload
-                entry["actions"] = {"upload": {"href": f"{self.hub.url}/lfs/{repo}/{obj['oid']}?sig={_sign(obj['oid'])}"},
+                signed = f"{self.hub.url}/lfs/{repo}/{obj['oid']}?sig={_sign(obj['oid'])}"
+                entry["actions"] = {"upload": {"href": signed},
                                     "verify": {"href": f"{self.hub.url}/lfs/{repo}/verify"}}
             objects.append(entry)
         self._send(200, {"transfer": "basic", "objects": objects})

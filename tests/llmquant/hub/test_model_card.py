@@ -47,7 +47,8 @@ def test_card_metadata_and_body_from_a_quantized_folder(folder):
     assert f"llmquant {report['environment']['llmquant']}" in text
 
     ppl = json.loads((folder / "perplexity_quantized.json").read_text())
-    assert f"| quantized | {ppl['perplexity']:.3f} | {ppl['bits_per_byte']:.4f} | {ppl['num_tokens_scored']:,} |" in text
+    row = f"| quantized | {ppl['perplexity']:.3f} | {ppl['bits_per_byte']:.4f} | {ppl['num_tokens_scored']:,} |"
+    assert row in text
     for snippet in ("vllm serve me/smol-W8A8", 'AutoModelForCausalLM.from_pretrained("me/smol-W8A8")',
                     "llmquant serve me/smol-W8A8", "pip install compressed-tensors"):
         assert snippet in text
