@@ -28,6 +28,9 @@ _EXPORTS = {
     "quantize": "llmquant.quant.quantize",
     "CalibrationConfig": "llmquant.quant.recipe",
     "Recipe": "llmquant.quant.recipe",
+    "PushResult": "llmquant.hub.push",
+    "push": "llmquant.hub.push",
+    "build_model_card": "llmquant.hub.model_card",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

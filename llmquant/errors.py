@@ -53,3 +53,13 @@ class DataSourceError(LLMQuantError):
 
 class MissingDependencyError(LLMQuantError):
     """An optional package the requested feature needs is not installed."""
+
+
+class HubPushError(LLMQuantError):
+    """The Hub refused an upload: a missing or invalid token, no write access, an unknown branch."""
+
+
+class HubUnreachableError(HubPushError):
+    """The Hub (HF_ENDPOINT) could not be reached; running again later may succeed."""
+
+    exit_code = 1

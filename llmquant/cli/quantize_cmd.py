@@ -29,6 +29,7 @@ examples:
   llmquant quantize --scheme W4A16 --group-size 64 --observer mse --output smol-w4a16
   llmquant quantize org/model --scheme FP8 --observer percentile --percentile 99.99 --output out/
   llmquant quantize ./my-model --recipe configs/quant/w8a8.yaml --output out/
+  llmquant quantize org/model --scheme W8A8 --output out/ --push-to-hub me/model-W8A8
 """
 
 
@@ -90,6 +91,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ver.add_argument("--no-verify", dest="verify", action="store_false",
                      help="skip reloading the output and comparing it with the original")
     ver.add_argument("--verify-tokens", type=int, default=2048, help="held-out tokens compared (default 2048)")
+    hub = p.add_argument_group("publishing")
+    hub.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                     help="then upload the output folder to this Hub repository with a model card, as "
+                     "`llmquant push OUTPUT REPO_ID` does (token from HF_TOKEN or `hf auth login`)")
+    hub.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         text_field=args.text_field, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
         smoothquant=args.smoothquant,
         overwrite=args.overwrite, verify=args.verify, verify_tokens=args.verify_tokens,
-        progress=not args.quiet, **model_kwargs(args))
+        push_to_hub=args.push_to_hub, private=args.private, progress=not args.quiet, **model_kwargs(args))
     report = result.report
     print(f"\n{result.recipe.name}: {result.recipe.scheme.describe()}")
     for line in report.summary_lines():
@@ -133,5 +139,9 @@ def run(args: argparse.Namespace) -> int:
     size = f", {report.checkpoint_bytes / 1e6:.1f} MB" if report.checkpoint_bytes else ""
     print(f"saved {result.output_dir}{size} in {result.seconds:.1f} s "
           f"(per-layer report: {result.output_dir}/quantization_report.md)")
+    if result.push is not None:
+        from llmquant.cli.push_cmd import print_result
+
+        print_result(result.push)
     sys.stdout.flush()
     return 0

@@ -20,7 +20,7 @@ from llmquant.loading.architecture import (
     stored_dtype,
 )
 from llmquant.loading.sources import ModelSource, resolve_source
-from llmquant.loading.validation import check_weights, has_tokenizer_files
+from llmquant.loading.validation import CheckedWeights, check_weights, has_tokenizer_files
 
 if TYPE_CHECKING:
     import torch
@@ -79,10 +79,18 @@ def _load_gguf(source: ModelSource, dtype: "torch.dtype", device: "torch.device"
                        source_dtype=torch.bfloat16, quantization_config=None)
 
 
-def _load_folder(source: ModelSource, dtype: "torch.dtype", device: "torch.device",
-                 allow_pickle: bool, trust_remote_code: bool) -> LoadedModel:
-    folder = source.path
-    where = _where(source)
+@dataclass(frozen=True)
+class CheckedFolder:
+    config: dict
+    quantization_config: dict | None
+    weights: CheckedWeights
+
+
+def check_model_folder(folder: Path, where: str, *, allow_pickle: bool = False,
+                       trust_remote_code: bool = False) -> CheckedFolder:
+    """Every check `load_model` runs on a folder before reading a tensor (config, architecture,
+    quantization method, weight files and their headers, tokenizer files); raises our errors.
+    Also what `llmquant push` runs, so that nothing that would not load gets published."""
     config = read_config(folder)
     quantization_config = check_quantization(config, where)
     check_architecture(config, where, trust_remote_code)
@@ -93,7 +101,16 @@ def _load_folder(source: ModelSource, dtype: "torch.dtype", device: "torch.devic
             "the tokenizer files of the original model into the folder; save_pretrained of a "
             "tokenizer writes them."
         )
-    tokenizer = _load_tokenizer(folder, trust_remote_code)
+    return CheckedFolder(config=config, quantization_config=quantization_config, weights=weights)
+
+
+def _load_folder(source: ModelSource, dtype: "torch.dtype", device: "torch.device",
+                 allow_pickle: bool, trust_remote_code: bool) -> LoadedModel:
+    folder = source.path
+    where = _where(source)
+    checked = check_model_folder(folder, where, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    config, quantization_config, weights = checked.config, checked.quantization_config, checked.weights
+    tokenizer = load_tokenizer(folder, trust_remote_code)
     if quantization_config is not None:
         # Our own quantized folders: rebuilt by llmquant's loader, which knows their tensor layout.
         from llmquant.checkpoint.load import load_quantized_model
@@ -106,7 +123,7 @@ def _load_folder(source: ModelSource, dtype: "torch.dtype", device: "torch.devic
                        quantization_config=quantization_config)
 
 
-def _load_tokenizer(folder: Path, trust_remote_code: bool) -> "PreTrainedTokenizerBase":
+def load_tokenizer(folder: Path, trust_remote_code: bool) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     try:

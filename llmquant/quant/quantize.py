@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +30,9 @@ from llmquant.quant.smoothquant import smooth_model
 from llmquant.quant.targets import linear_layers, set_submodule
 from llmquant.quant.verify import Agreement, compare_to_reference, reference_logprobs
 
+if TYPE_CHECKING:
+    from llmquant.hub.push import PushResult
+
 DEFAULT_SCHEME = "W4A16"
 REPORT_PASS_SAMPLES = 8  # dynamic schemes need no calibration; a few samples feed the report
 VERIFY_WINDOW = 512
@@ -43,6 +47,7 @@ class QuantizeResult:
     output_dir: Path | None
     verification: Agreement | None
     seconds: float
+    push: "PushResult | None" = None  # when push_to_hub was given
 
 
 def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recipe | None = None,
@@ -126,13 +131,15 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
              revision: str | None = None,
              dtype: str = "auto", device: str | None = None, allow_pickle: bool = False,
              trust_remote_code: bool = False, overwrite: bool = False, verify: bool = True,
-             verify_tokens: int = 2048, progress: bool = True) -> QuantizeResult:
+             verify_tokens: int = 2048, push_to_hub: str | None = None, private: bool = False,
+             progress: bool = True) -> QuantizeResult:
     """Quantize `model` (a source as for `load_model`, or a `LoadedModel`) and save it to `output`.
 
     With no scheme and no recipe the scheme is W4A16 (INT4 weights, group 128 or the largest of
     64/32 that fits the model). Returns the quantized model in memory, the resolved recipe and
     the per-layer report; when `output` is given, the folder is a compressed-tensors checkpoint
-    that vLLM, transformers and llmquant load.
+    that vLLM, transformers and llmquant load. `push_to_hub` (a Hub repository id) then publishes
+    it with a model card, as `llmquant.push(output, push_to_hub, private=private)` does.
     """
     from llmquant.loading import LoadedModel, load_model
 
@@ -147,6 +154,12 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                        seq_len=seq_len, seed=seed, smoothquant=smoothquant)
     if output is not None:
         check_output_dir(output, overwrite)  # before minutes of work, not after
+    if push_to_hub is not None:
+        from llmquant.hub.push import check_push_target
+
+        if output is None:
+            raise InvalidConfigError("push_to_hub needs an output folder: the checkpoint is saved, then pushed.")
+        check_push_target(push_to_hub)  # a bad repo id or a missing token fails now, not after the work
 
     t = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(
@@ -208,8 +221,14 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
     timings["total"] = time.perf_counter() - t_start
     report.timings_s = timings
     out_path = Path(output).expanduser().absolute() if output is not None else None
+    pushed = None
+    if push_to_hub is not None:
+        from llmquant.hub.push import push
+
+        _say(progress, f"pushing {out_path} to {push_to_hub}")
+        pushed = push(out_path, push_to_hub, private=private)
     return QuantizeResult(model=net, tokenizer=tokenizer, recipe=rec, report=report, output_dir=out_path,
-                          verification=verification, seconds=timings["total"])
+                          verification=verification, seconds=timings["total"], push=pushed)
 
 
 def _save_and_verify(net, tokenizer, rec: Recipe, report: QuantReport, qcfg: dict, output, overwrite: bool,
