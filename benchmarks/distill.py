@@ -57,7 +57,7 @@ def write(meta: dict, rows: list[dict]) -> None:
                                           encoding="utf-8")
     lines = ["# Distillation on the demo model (SmolLM2-135M-Instruct, 30 -> 15 layers)", "",
              f"Student: the 15 most important of 30 decoder layers (1 - cos(in, out) on training text), "
-             f"{meta['student_params_m']:.1f}M parameters vs {meta['teacher_params_m']:.1f}M. Training: "
+             f"{meta.get('student_params_m', 0):.1f}M parameters vs {meta['teacher_params_m']:.1f}M. Training: "
              f"{meta['steps']} optimizer steps of {meta['batch_size']} x {meta['seq_len']} tokens "
              f"({meta['steps'] * meta['batch_size'] * meta['seq_len']:,} tokens) from the built-in corpus's "
              f"training split, AdamW lr {meta['lr']:g}, cosine with {meta['warmup']} warm-up steps, bf16 autocast; "
@@ -81,6 +81,7 @@ def write(meta: dict, rows: list[dict]) -> None:
 
 
 def main() -> int:
+    global RESULTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4)
@@ -90,6 +91,9 @@ def main() -> int:
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--scheme", default="W4A16")
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--teacher", default=None, help="another teacher folder (default: the demo model)")
+    p.add_argument("--student-layers", type=int, default=15)
+    p.add_argument("--results", type=Path, default=Path(__file__).parent / "results", help="where distill.{json,md} go")
     args = p.parse_args()
     command = "python " + " ".join(sys.argv)
 
@@ -100,10 +104,11 @@ def main() -> int:
     from llmquant.loading.demo import ensure_demo_model
 
     t_start = time.perf_counter()
-    demo = ensure_demo_model(quiet=True)
+    RESULTS = args.results
+    demo = Path(args.teacher) if args.teacher else ensure_demo_model(quiet=True)
     teacher = llmquant.load_model(demo)
     common = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                  mixed_precision="bf16", seed=0, student_layers=15, progress=True)
+                  mixed_precision="bf16", seed=0, student_layers=args.student_layers, progress=True)
     kd = dict(kd_weight=0.9, divergence="forward_kl", temperature=1.0, teacher_mode="offline", top_k=args.top_k)
     meta = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
             "warmup": 10, "eval_tokens": args.eval_tokens,
@@ -125,12 +130,12 @@ def main() -> int:
         add("(a) teacher, 30 layers", demo)
 
         windows = training_windows(teacher.tokenizer, seq_len=args.seq_len)
-        pruned, plan = make_student(teacher.model, windows[:16], num_layers=15)
+        pruned, plan = make_student(teacher.model, windows[:16], num_layers=args.student_layers)
         meta["student_params_m"] = sum(p.numel() for p in pruned.parameters()) / 1e6
         meta["kept_layers"], meta["layer_importance"] = plan.kept_layers, plan.layer_importance
         save_student(pruned, teacher.tokenizer, tmp / "b", storage_dtype=torch.bfloat16, overwrite=False, files={})
         del pruned
-        add("(b) student after pruning (15 layers by importance)", tmp / "b")
+        add(f"(b) student after pruning ({args.student_layers} layers by importance)", tmp / "b")
 
         runs = [("(c) + cross-entropy-only training", "c", dict(kd_weight=0.0)),
                 ("(d) + KD", "d", dict(kd, teacher_cache=str(tmp / "cache"))),
