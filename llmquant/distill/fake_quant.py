@@ -90,8 +90,13 @@ class FakeQuantLinear(nn.Linear):
 
 def apply_fake_quant(model: nn.Module, scheme: QuantScheme, *, targets=("Linear",), ignore=("lm_head",),
                      scale_dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    """Turn the matched Linear layers into FakeQuantLinear in place; returns their names."""
+    """Turn the matched Linear layers into FakeQuantLinear in place; returns their names.
+    `scale_dtype`: the checkpoint's storage dtype (weight-only scales are stored in it)."""
     scheme = qat_scheme(scheme)
+    # As llmquant.quantize stores them: weight-only INT scales in the model's dtype (vLLM reads
+    # them so), FP8 and W8A8 scales in float32.
+    if scheme.format != "pack-quantized":
+        scale_dtype = torch.float32
     names = []
     for name, module in list(linear_layers(model, targets, ignore)):
         if scheme.weights.strategy == "group" and module.in_features % scheme.weights.group_size:

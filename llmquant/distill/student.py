@@ -236,7 +236,7 @@ def make_student(teacher: nn.Module, batches: Tensor | None, *, num_layers: int 
     """
     if num_layers is not None and keep_layers is not None:
         raise InvalidConfigError("Give the number of layers to keep or the list of layers, not both.")
-    student = copy.deepcopy(teacher)
+    student = copy.deepcopy(teacher).requires_grad_(True)  # a frozen teacher still gives a trainable student
     n = len(decoder_layers(student))
     plan = StudentPlan(teacher_layers=n, kept_layers=list(range(n)))
     needs_data = num_layers is not None or intermediate_size is not None or num_key_value_heads is not None
