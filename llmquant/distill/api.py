@@ -245,7 +245,8 @@ def _teacher_cache(loaded, rec: DistillRecipe, windows, output: Path, endpoint_m
     folder = Path(rec.teacher.cache) if rec.teacher.cache else output.parent / f"{output.name}.teacher-cache"
     if folder.exists():
         cache = TeacherCache.open(folder)
-        if cache.seq_len != rec.train.seq_len or not torch.equal(cache.input_ids(), windows[: len(cache)]):
+        if (cache.seq_len != rec.train.seq_len or len(cache) != len(windows)
+                or not torch.equal(cache.input_ids(), windows)):
             raise InvalidConfigError(f"The teacher cache {folder} was built for other text or seq_len "
                                      f"({cache.seq_len}); remove it or point --teacher-cache elsewhere.")
         _say(progress, f"teacher: reading top-{cache.k} log-probs of {len(cache)} windows from {folder}")

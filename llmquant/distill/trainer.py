@@ -45,10 +45,12 @@ class TrainResult:
     seconds: float = 0.0
     tokens: int = 0
     resumed_from: str | None = None
+    timed_steps: int = 0                               # steps run in this session (not restored)
 
     @property
     def seconds_per_step(self) -> float:
-        return self.seconds / max(1, len([h for h in self.history if h.get("timed", True)]))
+        """Wall time per optimizer step of this session, periodic evaluations included."""
+        return self.seconds / max(1, self.timed_steps)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -236,7 +238,7 @@ class Trainer:
         if self.evaluate is not None:
             evals.append({"step": step, "perplexity": self._evaluate()})
         return TrainResult(steps=step, history=history, evals=evals, seconds=seconds,
-                           tokens=tokens, resumed_from=resumed_from)
+                           tokens=tokens, resumed_from=resumed_from, timed_steps=timed_steps)
 
     def _optimizer_step(self, step: int) -> dict:
         cfg, acc = self.train_cfg, self.accelerator

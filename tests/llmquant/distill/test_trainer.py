@@ -81,3 +81,23 @@ def test_schedules():
     lin = lr_lambda("linear", 0, 10, 0.0)
     assert [lin(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
     assert lr_lambda("constant", 3, 10, 0.1)(9) == 1.0
+
+
+def test_hidden_state_loss_trains_a_projection_when_widths_differ(teacher, windows, tmp_path):
+    from llmquant.distill.student import student_from_config
+
+    cfg = tmp_path / "narrow.json"
+    cfg.write_text('{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, '
+                   f'"num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": {len(teacher.tokenizer)}}}')
+    rec = DistillRecipe.from_dict({"student": {"config": str(cfg)},
+                                   "loss": {"kd_weight": 0.5, "hidden_weight": 1.0},
+                                   "train": {"steps": 3, "batch_size": 2, "seq_len": 64, "lr": 1e-2,
+                                             "warmup_steps": 0, "mixed_precision": "no"}})
+    trainer = Trainer(student_from_config(cfg, teacher.tokenizer), rec, windows=windows, teacher=teacher.model,
+                      progress=False)
+    # 2 student layers spread over 4 teacher layers: outputs of teacher layers 1 and 3.
+    assert trainer.layer_pairs == [(0, 1), (1, 3)] and set(trainer.projections) == {"0", "1"}
+    before = trainer.projections["1"].weight.detach().clone()
+    result = trainer.train()
+    assert all(h["hidden"] > 0 for h in result.history)
+    assert not torch.equal(before, trainer.projections["1"].weight)  # the projection is trained too
