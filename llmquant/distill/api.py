@@ -189,12 +189,13 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
     if rec.qat is not None:
         from llmquant.distill.export import export_quantized
 
-        files["distill_report.json"] = json.dumps(result.to_dict(), indent=1)
         q = export_quantized(student, tokenizer, output, qat=_qat_with_group(rec, qat_plan),
                              storage_dtype=loaded.source_dtype, overwrite=overwrite, progress=progress,
                              files=files)
         result.quantization = {"scheme": q.recipe.scheme.describe(),
                                "verification": q.verification.to_dict() if q.verification else None}
+        # The checkpoint is complete and in place; the report (with the export's verification) joins it.
+        (output / "distill_report.json").write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
     else:
         from llmquant.distill.export import save_student
 
