@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -45,14 +46,22 @@ def write(meta: dict, rows: list[dict]) -> None:
     a, b = by.get("(a)"), by.get("(b)")
     summary = {}
     if a and b:
+        # Recovered share of the (b) - (a) gap, in perplexity and in log-perplexity (NLL per token):
+        # when pruning multiplies perplexity a thousandfold, any training closes almost all of the
+        # perplexity gap, and the NLL gap is the stricter measure.
         gap = b["perplexity"] - a["perplexity"]
+        nll_gap = math.log(b["perplexity"]) - math.log(a["perplexity"])
         for r in rows:
             r["gap_recovered"] = (b["perplexity"] - r["perplexity"]) / gap if gap else None
+            r["nll_gap_recovered"] = ((math.log(b["perplexity"]) - math.log(r["perplexity"])) / nll_gap
+                                      if nll_gap else None)
         c, d = by.get("(c)"), by.get("(d)")
         if c and d:
             summary = {"kd_beats_ce": d["perplexity"] < c["perplexity"],
                        "kd_recovers_half_the_gap": d["gap_recovered"] >= 0.5,
-                       "kd_gap_recovered": d["gap_recovered"], "ce_gap_recovered": c["gap_recovered"]}
+                       "kd_gap_recovered": d["gap_recovered"], "ce_gap_recovered": c["gap_recovered"],
+                       "kd_nll_gap_recovered": d["nll_gap_recovered"],
+                       "ce_nll_gap_recovered": c["nll_gap_recovered"]}
     (RESULTS / "distill.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1),
                                           encoding="utf-8")
     lines = ["# Distillation on the demo model (SmolLM2-135M-Instruct, 30 -> 15 layers)", "",
@@ -64,17 +73,21 @@ def write(meta: dict, rows: list[dict]) -> None:
              "the same windows in the same order for every trained row. KD: "
              f"{meta['kd']}. Perplexity: the first {meta['eval_tokens']:,} tokens of the held-out split "
              "(window 1024), each saved folder reloaded by llmquant's runtime.", "",
-             "| row | perplexity | gap to teacher recovered | train s/step | command |", "|---|---:|---:|---:|---|"]
+             "| row | perplexity | gap recovered (perplexity) | gap recovered (log-perplexity) | train s/step "
+             "| command |", "|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        rec = r.get("gap_recovered")
-        rec_s = "" if rec is None or r["row"][:3] in ("(a)", "(b)") else f"{100 * rec:.1f}%"
+        shown = r["row"][:3] not in ("(a)", "(b)")
+        rec_s = f"{100 * r['gap_recovered']:.1f}%" if shown and r.get("gap_recovered") is not None else ""
+        nll_s = f"{100 * r['nll_gap_recovered']:.1f}%" if shown and r.get("nll_gap_recovered") is not None else ""
         sps = f"{r['seconds_per_step']:.2f}" if r.get("seconds_per_step") else ""
-        lines.append(f"| {r['row']} | {r['perplexity']:.3f} | {rec_s} | {sps} | `{r['command']}` |")
+        lines.append(f"| {r['row']} | {r['perplexity']:.3f} | {rec_s} | {nll_s} | {sps} | `{r['command']}` |")
     if summary:
         lines += ["", f"KD beats cross-entropy-only at equal steps: **{'yes' if summary['kd_beats_ce'] else 'no'}**. "
                   f"KD recovers {100 * summary['kd_gap_recovered']:.1f}% of the (b) - (a) perplexity gap "
                   f"(CE only: {100 * summary['ce_gap_recovered']:.1f}%); target at least 50%: "
-                  f"**{'met' if summary['kd_recovers_half_the_gap'] else 'not met'}**."]
+                  f"**{'met' if summary['kd_recovers_half_the_gap'] else 'not met'}**. In log-perplexity "
+                  f"(NLL per token) KD recovers {100 * summary['kd_nll_gap_recovered']:.1f}% of the gap "
+                  f"(CE only: {100 * summary['ce_nll_gap_recovered']:.1f}%)."]
     lines += ["", f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} threads. "
               f"Whole run: {meta.get('total_seconds', 0) / 60:.1f} min. Date {meta['date']}.", ""]
     (RESULTS / "distill.md").write_text("\n".join(lines), encoding="utf-8")
@@ -94,8 +107,15 @@ def main() -> int:
     p.add_argument("--teacher", default=None, help="another teacher folder (default: the demo model)")
     p.add_argument("--student-layers", type=int, default=15)
     p.add_argument("--results", type=Path, default=Path(__file__).parent / "results", help="where distill.{json,md} go")
+    p.add_argument("--render", action="store_true", help="only rewrite distill.md from distill.json")
     args = p.parse_args()
     command = "python " + " ".join(sys.argv)
+    if args.render:
+        RESULTS = args.results
+        data = json.loads((RESULTS / "distill.json").read_text(encoding="utf-8"))
+        write(data["meta"], data["rows"])
+        print((RESULTS / "distill.md").read_text())
+        return 0
 
     import llmquant
     from llmquant.distill.export import save_student
