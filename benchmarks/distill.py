@@ -163,7 +163,8 @@ def main() -> int:
                  dict(kd, teacher_cache=str(tmp / "cache"), qat_scheme=args.scheme, qat_group_size=args.group_size))]
         for row, name, kw in runs:
             result = llmquant.distill(teacher, output=tmp / name, **common, **kw)
-            add(row, tmp / name, {"seconds_per_step": result.seconds_per_step, "train_seconds": result.timings_s["train"],
+            add(row, tmp / name, {"seconds_per_step": result.seconds_per_step,
+                                  "train_seconds": result.timings_s["train"],
                                   "final_loss": result.history[-1]["loss"], "history": result.history,
                                   "quantization": result.quantization})
             if name == "d":

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--keep-layers", type=int, nargs="+", default=None, metavar="I",
                    help="keep exactly these decoder layers (0-based)")
     s.add_argument("--intermediate-size", type=int, default=None, help="prune MLP neurons to this many per layer")
-    s.add_argument("--kv-heads", dest="num_key_value_heads", type=int, default=None,
+    s.add_argument("--kv-heads", dest="num_key_value_heads", type=int, default=None, metavar="N",
                    help="prune KV groups (with their query heads) to this many per layer")
     s.add_argument("--student-config", default=None, metavar="FILE",
                    help="a fresh student from this config.json / .yaml (same tokenizer as the teacher)")
@@ -69,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="adamw (default) or adamw_8bit (bitsandbytes, where installed)")
     d.add_argument("--eval-every", type=int, default=None, help="held-out perplexity every N steps (0: never)")
+    d.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens per evaluation (default 8192)")
     d.add_argument("--save-every", type=int, default=None, help="resumable checkpoint every N steps")
     d.add_argument("--seed", type=int, default=None, help="data order seed (default 0)")
     d.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (default <output>.checkpoints)")
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         num_key_value_heads=args.num_key_value_heads, student_config=args.student_config, dataset=args.dataset,
         text_field=args.text_field, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         seq_len=args.seq_len, lr=args.lr, mixed_precision=args.mixed_precision, optimizer=args.optimizer,
-        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, divergence=args.divergence,
+        eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=args.save_every, seed=args.seed,
+        divergence=args.divergence,
         temperature=args.temperature, kd_weight=args.kd_weight, hidden_weight=args.hidden_weight,
         teacher_mode=args.teacher_mode, teacher_cache=args.teacher_cache, top_k=args.top_k,
         teacher_endpoint=args.teacher_endpoint, teacher_endpoint_model=args.teacher_endpoint_model,

@@ -47,8 +47,9 @@ def build_distill_recipe(recipe: str | os.PathLike | DistillRecipe | None = None
                          text_field: str | None = None, steps: int | None = None, batch_size: int | None = None,
                          grad_accum: int | None = None, seq_len: int | None = None, lr: float | None = None,
                          mixed_precision: str | None = None, optimizer: str | None = None,
-                         eval_every: int | None = None, save_every: int | None = None, seed: int | None = None,
-                         divergence: str | None = None, temperature: float | None = None,
+                         eval_every: int | None = None, eval_tokens: int | None = None,
+                         save_every: int | None = None, seed: int | None = None, divergence: str | None = None,
+                         temperature: float | None = None,
                          kd_weight: float | None = None, hidden_weight: float | None = None,
                          teacher_mode: str | None = None, teacher_cache: str | None = None,
                          top_k: int | None = None, teacher_endpoint: str | None = None,
@@ -69,7 +70,7 @@ def build_distill_recipe(recipe: str | os.PathLike | DistillRecipe | None = None
     rec = rec.replace("data", dataset=dataset, text_field=text_field)
     rec = rec.replace("train", steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                       mixed_precision=mixed_precision, optimizer=optimizer, eval_every=eval_every,
-                      save_every=save_every, seed=seed)
+                      eval_tokens=eval_tokens, save_every=save_every, seed=seed)
     rec = rec.replace("loss", divergence=divergence, temperature=temperature, kd_weight=kd_weight,
                       hidden_weight=hidden_weight)
     rec = rec.replace("teacher", mode=teacher_mode, cache=teacher_cache, top_k=top_k, endpoint=teacher_endpoint)
@@ -84,8 +85,9 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
             student_config: str | None = None, dataset: str | None = None, text_field: str | None = None,
             steps: int | None = None, batch_size: int | None = None, grad_accum: int | None = None,
             seq_len: int | None = None, lr: float | None = None, mixed_precision: str | None = None,
-            optimizer: str | None = None, eval_every: int | None = None, save_every: int | None = None,
-            seed: int | None = None, divergence: str | None = None, temperature: float | None = None,
+            optimizer: str | None = None, eval_every: int | None = None, eval_tokens: int | None = None,
+            save_every: int | None = None, seed: int | None = None, divergence: str | None = None,
+            temperature: float | None = None,
             kd_weight: float | None = None, hidden_weight: float | None = None, teacher_mode: str | None = None,
             teacher_cache: str | None = None, top_k: int | None = None, teacher_endpoint: str | None = None,
             teacher_endpoint_model: str | None = None, qat_scheme: str | None = None,
@@ -114,8 +116,8 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
         recipe, student_layers=student_layers, keep_layers=keep_layers, intermediate_size=intermediate_size,
         num_key_value_heads=num_key_value_heads, student_config=student_config, dataset=dataset,
         text_field=text_field, steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
-        mixed_precision=mixed_precision, optimizer=optimizer, eval_every=eval_every, save_every=save_every,
-        seed=seed, divergence=divergence, temperature=temperature, kd_weight=kd_weight,
+        mixed_precision=mixed_precision, optimizer=optimizer, eval_every=eval_every, eval_tokens=eval_tokens,
+        save_every=save_every, seed=seed, divergence=divergence, temperature=temperature, kd_weight=kd_weight,
         hidden_weight=hidden_weight, teacher_mode=teacher_mode, teacher_cache=teacher_cache, top_k=top_k,
         teacher_endpoint=teacher_endpoint, qat_scheme=qat_scheme, qat_group_size=qat_group_size)
     if rec.student.is_empty:

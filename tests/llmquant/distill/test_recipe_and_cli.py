@@ -56,7 +56,7 @@ def _cli(*args, cwd=None):
 def test_cli_trains_saves_and_refuses_to_overwrite(teacher_dir, tmp_path):
     out = tmp_path / "student"
     r = _cli(str(teacher_dir), "--student-layers", "2", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
-             "--eval-every", "1", "--dtype", "float32", "--output", str(out), "--quiet")
+             "--eval-every", "1", "--eval-tokens", "512", "--dtype", "float32", "--output", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "trained 2 steps" in r.stdout and "held-out perplexity at step 2" in r.stdout
     report = json.loads((out / "distill_report.json").read_text())
