@@ -27,7 +27,7 @@ _MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 @dataclass
 class StudentPlan:
-    """What was measured and what was kept; written next to the student (student.json)."""
+    """What was measured and what was kept (in the student folder's distill_report.json)."""
 
     teacher_layers: int
     kept_layers: list[int]
