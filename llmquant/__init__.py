@@ -3,6 +3,7 @@
     import llmquant
     result = llmquant.quantize("HuggingFaceTB/SmolLM2-135M-Instruct", scheme="W8A8", output="out/")
     loaded = llmquant.load_model("out/")          # our runtime, quantized layers
+    llmquant.distill(teacher, student_layers=15, steps=500, output="student/")  # smaller, retrained
 
 Names are imported on first use, so `import llmquant` (and every CLI start) does not pay for
 torch and transformers until a command needs them.
@@ -31,11 +32,15 @@ _EXPORTS = {
     "PushResult": "llmquant.hub.push",
     "push": "llmquant.hub.push",
     "build_model_card": "llmquant.hub.model_card",
+    "DistillRecipe": "llmquant.distill.recipe",
+    "DistillResult": "llmquant.distill.api",
 }
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["__version__", "distill"]
 
 
 def __getattr__(name: str):
+    if name == "distill":  # the package is callable: llmquant.distill(...) (see llmquant/distill/__init__.py)
+        return import_module("llmquant.distill")
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -15,18 +15,20 @@ from llmquant.errors import LLMQuantError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmquant.cli import eval_cmd, push_cmd, quantize_cmd, serve_cmd
+    from llmquant.cli import distill_cmd, eval_cmd, push_cmd, quantize_cmd, serve_cmd
 
     parser = argparse.ArgumentParser(
         prog="llmquant",
         description="Quantize Hugging Face LLMs (INT8/INT4/FP8), save vLLM-loadable "
-        "compressed-tensors checkpoints, measure what it cost, serve them, and push them to the Hub.",
+        "compressed-tensors checkpoints, measure what it cost, serve them, distill smaller students, "
+        "and push them to the Hub.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     quantize_cmd.register(sub)
     eval_cmd.register(sub)
     serve_cmd.register(sub)
+    distill_cmd.register(sub)
     push_cmd.register(sub)
     return parser
 
