@@ -9,7 +9,8 @@ tokens (held-out corpus text, or random token ids with `prompts="synthetic"`), `
 output_len` and `ignore_eos: true` (a vLLM extension; servers that do not know it may stop
 early, which the output token counts then show). They are sent either at a fixed concurrency
 (a new request starts when one finishes) or as a Poisson process at `request_rate` requests/s
-(exponential gaps, seeded), optionally capped by `concurrency`.
+(exponential gaps, seeded), optionally capped by `concurrency`. One untimed warm-up request
+goes first; if it fails, the run stops with its error.
 
 Metrics, with the definitions of vLLM's `benchmarks/benchmark_serving.py`:
 * TTFT (time to first token): from sending the request to the first streamed chunk that carries
@@ -36,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from eval.endpoint import Endpoint, check_response, http_client, load_tokenizer, resolve_model_name
+from eval.endpoint import Endpoint, EndpointError, check_response, http_client, load_tokenizer, resolve_model_name
 from llmquant.errors import InvalidConfigError
 
 PERCENTILES = (50, 90, 99)
@@ -156,6 +157,12 @@ async def _run_all(endpoint: Endpoint, name: str, prompts: list[list[int]], outp
         return record
 
     async with httpx2.AsyncClient(timeout=timeout, limits=limits) as client:
+        # One untimed request first, as vLLM's benchmark does: it checks the server answers and
+        # keeps one-off costs (first-call kernel setup, connection) out of the numbers.
+        warm = await _stream_one(client, endpoint, name, prompts[0], min(output_len, 2))
+        if not warm.success:
+            bar.close()
+            raise EndpointError(f"The first (warm-up) request to {endpoint.url} failed: {warm.error}")
         start = time.perf_counter()
         tasks = []
         for prompt in prompts:

@@ -84,7 +84,9 @@ class Int8PackCpu:
                 and w.symmetric and w.strategy == "channel")
 
     def __init__(self, layer, device: torch.device, dtype: torch.dtype):
-        self.weight = layer.int_weight().contiguous()  # (N, K) int8
+        # A copy, not the loaded tensor: safetensors maps weights at arbitrary byte offsets, and
+        # _weight_int8pack_mm segfaults (M >= 4) on an int8 weight that is not 64-byte aligned.
+        self.weight = layer.int_weight().clone(memory_format=torch.contiguous_format)  # (N, K) int8
         self.scale = layer.weight_scale.reshape(-1).to(torch.bfloat16)
 
     def __call__(self, x: Tensor) -> Tensor:
