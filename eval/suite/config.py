@@ -16,6 +16,7 @@
         served_model: out             # the model name it serves (default: the first it lists)
         api_key_env: MY_KEY           # the environment variable holding its key (never the key itself)
         tokenizer: out/               # its tokenizer (default: the first model's source)
+        tasks: [perplexity, load]     # only these tasks for this model (default: all)
     tasks:
       - {task: perplexity, max_tokens: 8192, window: 1024}
       - {task: agreement, max_tokens: 4096}          # KL and top-1 vs `base` (default: the first model)
@@ -71,8 +72,13 @@ class ModelSpec:
     tokenizer: str | None = None
     dtype: str = "auto"
     device: str | None = None
+    tasks: tuple[str, ...] | None = None  # only these tasks (labels) for this model; None: all
 
     def __post_init__(self) -> None:
+        if self.tasks is not None:
+            if not isinstance(self.tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.tasks):
+                raise InvalidConfigError(f"model {self.name}: tasks must be a list of task names.")
+            object.__setattr__(self, "tasks", tuple(self.tasks))
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise InvalidConfigError(f"model name must be a non-empty label without '/', got {self.name!r}.")
         kinds = [k for k in ("quantize", "bitsandbytes", "url") if getattr(self, k) is not None]
@@ -152,6 +158,12 @@ class SuiteConfig:
                 raise InvalidConfigError(f"suite {self.name}: {what} names must be unique; repeated: "
                                          f"{', '.join(duplicates)} (give tasks of one type a 'name').")
         names = {m.name for m in self.models}
+        labels = {t.label for t in self.tasks}
+        for m in self.models:
+            unknown = sorted(set(m.tasks or ()) - labels)
+            if unknown:
+                raise InvalidConfigError(f"model {m.name}: tasks {', '.join(unknown)} are not tasks of this suite "
+                                         f"({', '.join(sorted(labels))}).")
         for t in self.tasks:
             base = t.params.get("base")
             if base is not None and base not in names:
@@ -188,5 +200,6 @@ class SuiteConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description,
-                "models": [{k: v for k, v in dataclasses.asdict(m).items() if v is not None} for m in self.models],
+                "models": [{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(m).items()
+                            if v is not None} for m in self.models],
                 "tasks": [{"task": t.task, **({"name": t.name} if t.name else {}), **t.params} for t in self.tasks]}

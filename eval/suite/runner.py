@@ -60,6 +60,12 @@ def run_suite(config: SuiteConfig | str | os.PathLike, output: str | os.PathLike
             keys = {t.label: digest({"model": ident, "task": t.task, "params": t.params}) for t in suite.tasks}
             todo, model, model_error = [], None, None
             for t in suite.tasks:
+                if spec.tasks is not None and t.label not in spec.tasks:
+                    entries.append({"model": spec.name, "task": t.label, "type": t.task, "params": t.params,
+                                    "key": keys[t.label], "reused": False, "status": "skipped",
+                                    "error": "not among this model's tasks in the suite file"})
+                    bar.update()
+                    continue
                 cached = None if force else _read_cache(out, keys[t.label])
                 if cached is not None:
                     entries.append({**cached, "reused": True})
