@@ -41,6 +41,7 @@ class SuiteModel:
     size_kind: str = ""  # "weight files" | "memory footprint"
     load_seconds: float | None = None
     prepare_seconds: float | None = None  # quantizing on the fly, when it happened in this run
+    rss_before_load: int | None = None  # the process's resident memory just before loading
 
     def info(self) -> dict[str, Any]:
         return {"name": self.spec.name, "kind": self.spec.kind, "source": self.spec.source, "url": self.spec.url,
@@ -95,6 +96,7 @@ def prepare(spec: ModelSpec, output: Path, *, progress: bool = True) -> SuiteMod
     folder = _quantized_folder(spec, output, model, progress) if spec.kind == "quantize" else None
     from llmquant import load_model
 
+    model.rss_before_load = current_rss()
     t = time.perf_counter()
     model.loaded = load_model(folder if folder is not None else spec.load_source, dtype=spec.dtype, device=spec.device)
     model.load_seconds = time.perf_counter() - t
@@ -136,6 +138,7 @@ def _load_bitsandbytes(spec: ModelSpec, model: SuiteModel) -> SuiteModel:
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model.rss_before_load = current_rss()
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LLM.int8 warns on every call that it casts inputs to float16
@@ -156,6 +159,14 @@ def _load_bitsandbytes(spec: ModelSpec, model: SuiteModel) -> SuiteModel:
 def _silence_int8_warnings() -> None:
     # The warning is issued on every forward of every LLM.int8 layer; it says nothing new.
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+
+
+def current_rss() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
 
 
 def api_key(spec: ModelSpec) -> str | None:

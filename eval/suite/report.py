@@ -85,7 +85,7 @@ def _throughput(entries: list[dict]) -> list[str]:
     lengths = sorted({p["prompt_tokens"] for e in ok for p in e["result"]["prefill"]})
     batches = sorted({d["batch_size"] for e in ok for d in e["result"]["decode"]})
     head = (["model"] + [f"prefill {n} tok/s" for n in lengths] + [f"decode b{b} tok/s" for b in batches]
-            + ["vs first (decode)", "peak RSS", "CUDA peak", "load s", "size"])
+            + ["vs first (decode)", "peak RSS added", "CUDA peak", "load s", "size"])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     first = None
     for e in entries:
@@ -98,10 +98,12 @@ def _throughput(entries: list[dict]) -> list[str]:
         first = first or decode
         ratios = "; ".join(f"b{b} {decode[b] / first[b]:.2f}x" for b in batches if b in decode and first.get(b))
         cells = ([e["model"]] + [_f(prefill.get(n), 0) for n in lengths] + [_f(decode.get(b), 1) for b in batches]
-                 + [ratios, _mb(r.get("peak_rss_bytes")), _mb(r.get("cuda_peak_allocated_bytes")),
+                 + [ratios, _mb(r.get("peak_rss_over_baseline_bytes", r.get("peak_rss_bytes"))),
+                    _mb(r.get("cuda_peak_allocated_bytes")),
                     _f(r.get("load_seconds"), 1), _mb(r.get("checkpoint_bytes"))])
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines + ["", "Peak RSS added: the process's peak resident memory during the run minus its memory just "
+                    "before this model was loaded (other models the suite keeps loaded are not counted)."]
 
 
 def _load(entries: list[dict]) -> list[str]:

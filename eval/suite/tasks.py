@@ -60,6 +60,10 @@ def _throughput(params: dict, model: SuiteModel, *, base, tokenizer, progress: b
     result["load_seconds"] = model.load_seconds
     result["checkpoint_bytes"] = model.size_bytes
     result["size_kind"] = model.size_kind
+    # Other suite models (a base kept for agreement) share this process: the peak above the
+    # memory before this model was loaded is what this model and the run added.
+    if result.get("peak_rss_bytes") and model.rss_before_load:
+        result["peak_rss_over_baseline_bytes"] = result["peak_rss_bytes"] - model.rss_before_load
     return result
 
 
