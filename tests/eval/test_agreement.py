@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,17 +15,18 @@ from llmquant.errors import InvalidConfigError
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir, tmp_path_factory, tiny_tokenizer, one_thread):
-    """The tiny model, and another random model with the same tokenizer (a different seed)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from conftest import make_tiny_model_dir
+def models(tiny_model_dir, one_thread):
+    """The tiny model, and a copy with noise added to every weight matrix (same tokenizer)."""
     from llmquant import load_model
 
-    other_dir = make_tiny_model_dir(tmp_path_factory.mktemp("other") / "other", tokenizer=tiny_tokenizer, seed=1)
-    return load_model(tiny_model_dir, dtype="float32"), load_model(other_dir, dtype="float32")
+    base = load_model(tiny_model_dir, dtype="float32")
+    other = copy.deepcopy(base.model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.ndim == 2:
+                p.add_(0.5 * p.std() * torch.randn(p.shape, generator=gen))
+    return base, (other, base.tokenizer)
 
 
 def test_a_model_agrees_with_itself_exactly(models):
@@ -42,7 +45,7 @@ def test_kl_and_top1_equal_a_direct_computation_on_one_window(models):
     ids = evaluation_tokens(base.tokenizer, max_tokens=200)
     with torch.no_grad():
         lp_base = torch.log_softmax(base.model(ids[None]).logits[0, :-1].float(), -1)
-        lp_other = torch.log_softmax(other.model(ids[None]).logits[0, :-1].float(), -1)
+        lp_other = torch.log_softmax(other[0](ids[None]).logits[0, :-1].float(), -1)
     kl = F.kl_div(lp_other, lp_base, log_target=True, reduction="none").sum(-1)  # KL(base || other) per position
     top1 = (lp_base.argmax(-1) == lp_other.argmax(-1)).double().mean().item()
     r = agreement(other, base, max_tokens=200, window=256, progress=False)
@@ -55,14 +58,9 @@ def test_kl_and_top1_equal_a_direct_computation_on_one_window(models):
     assert r.method["kl"].startswith("KL(P_base || P_model)")
 
 
-def test_different_tokenizers_are_refused(models, tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from conftest import build_tiny_tokenizer, make_tiny_model_dir
-
-    other = make_tiny_model_dir(tmp_path / "small-vocab", tokenizer=build_tiny_tokenizer(vocab_size=400))
+def test_different_tokenizers_are_refused(models):
     base, _ = models
+    tokenizer = copy.deepcopy(base.tokenizer)
+    tokenizer.add_tokens(["<extra-one>", "<extra-two>"])
     with pytest.raises(InvalidConfigError, match="different tokenizers"):
-        agreement(str(other), base, max_tokens=100, dtype="float32", progress=False)
+        agreement((base.model, tokenizer), base, max_tokens=100, progress=False)

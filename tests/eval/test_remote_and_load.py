@@ -76,3 +76,27 @@ def test_percentiles_match_numpy():
     for q in (0, 50, 90, 99, 100):
         assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
     assert math.isnan(load_test.__globals__["stats_ms"]([])["p50"])
+
+
+def test_a_suite_measures_a_server_by_its_url(server, tiny_model_dir, tmp_path, monkeypatch):
+    from eval.suite import SuiteConfig, run_suite
+
+    monkeypatch.setenv("TINY_KEY", "sesame")
+    config = SuiteConfig.from_dict({
+        "models": [{"name": "local", "source": str(tiny_model_dir), "dtype": "float32", "tasks": ["perplexity"]},
+                   {"name": "served", "url": server.base_url, "served_model": "tiny", "api_key_env": "TINY_KEY",
+                    "tokenizer": str(tiny_model_dir)}],
+        "tasks": [{"task": "perplexity", "max_tokens": 300, "window": 128},
+                  {"task": "agreement", "max_tokens": 300, "window": 128},
+                  {"task": "throughput"},
+                  {"task": "load", "concurrency": [2], "num_prompts": 2, "input_len": 8, "output_len": 2}]})
+    results = run_suite(config, tmp_path / "out", progress=False)
+    entries = {(e["model"], e["task"]): e for e in results["results"]}
+    local, served = entries[("local", "perplexity")], entries[("served", "perplexity")]
+    assert served["status"] == "ok" and served["result"]["method"]["endpoint"] == server.base_url
+    assert served["result"]["perplexity"] == pytest.approx(local["result"]["perplexity"], rel=1e-4)
+    agreement = entries[("served", "agreement")]["result"]
+    assert agreement["kl_mean"] is None and agreement["top1_agreement"] >= 0.95
+    assert entries[("served", "throughput")]["status"] == "skipped"
+    assert entries[("served", "load")]["result"]["runs"][0]["completed"] == 2
+    assert "sesame" not in (tmp_path / "out" / "results.json").read_text()  # the key itself is never written
