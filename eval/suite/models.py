@@ -122,6 +122,9 @@ def _load_bitsandbytes(spec: ModelSpec, model: SuiteModel) -> SuiteModel:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise SkipModel("bitsandbytes is not installed (pip install bitsandbytes)") from None
+    except Exception as e:  # noqa: BLE001 - it probes its native backends at import and can fail there
+        raise SkipModel(f"bitsandbytes cannot start here: {type(e).__name__}: {str(e).splitlines()[0][:200]}") \
+            from None
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
