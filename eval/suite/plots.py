@@ -52,8 +52,8 @@ def _perplexity_vs_size(results, plt):
     for i, (size, ppl, name) in enumerate(sorted(points)):
         ax.scatter(size / 2**20, ppl, s=40)
         # Alternate labels above and below: variants of similar size and quality sit close together.
-        ax.annotate(name, (size / 2**20, ppl), textcoords="offset points", xytext=(6, 6 if i % 2 else -12),
-                    fontsize=9)
+        ax.annotate(name, (size / 2**20, ppl), textcoords="offset points", xytext=(6, 6) if i % 2 else (-6, -12),
+                    ha="left" if i % 2 else "right", fontsize=9)
     ax.set_xlabel("checkpoint size (MiB; bitsandbytes: memory footprint)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(f"{results['suite']['name']}: perplexity vs size")
