@@ -28,11 +28,13 @@ _DATASET_HELP = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval", help="measure a model (perplexity)",
+        "eval", help="measure models: perplexity, agreement, throughput, load, suites",
         description="Measure a model, quantized or not. Choose a metric.",
     )
+    from llmquant.cli import eval_measure_cmd, eval_suite_cmd
+
     metrics = parser.add_subparsers(dest="metric", metavar="METRIC", required=True)
-    for add_metric in _METRICS:
+    for add_metric in _METRICS + eval_measure_cmd.METRICS + eval_suite_cmd.METRICS:
         add_metric(metrics)
 
 

@@ -84,9 +84,9 @@ class Int8PackCpu:
                 and w.symmetric and w.strategy == "channel")
 
     def __init__(self, layer, device: torch.device, dtype: torch.dtype):
-        # Copies, not views: the checkpoint's tensors may be memory-mapped from the safetensors
-        # file, and this kernel's vector loads read a little past the end of its operands (with
-        # AVX-512 a read past the last page of the mapping is a segmentation fault).
+        # Copies, not the loaded tensors: safetensors memory-maps weights at arbitrary byte
+        # offsets, and _weight_int8pack_mm crashed (segmentation fault, AVX-512 CPU, M >= 4 rows)
+        # on such a weight; a copy is freshly allocated, aligned memory of our own.
         self.weight = layer.int_weight().clone(memory_format=torch.contiguous_format)  # (N, K) int8
         self.scale = layer.weight_scale.reshape(-1).to(torch.bfloat16, copy=True)
 
