@@ -84,8 +84,11 @@ class Int8PackCpu:
                 and w.symmetric and w.strategy == "channel")
 
     def __init__(self, layer, device: torch.device, dtype: torch.dtype):
-        self.weight = layer.int_weight().contiguous()  # (N, K) int8
-        self.scale = layer.weight_scale.reshape(-1).to(torch.bfloat16)
+        # Copies, not views: the checkpoint's tensors may be memory-mapped from the safetensors
+        # file, and this kernel's vector loads read a little past the end of its operands (with
+        # AVX-512 a read past the last page of the mapping is a segmentation fault).
+        self.weight = layer.int_weight().clone(memory_format=torch.contiguous_format)  # (N, K) int8
+        self.scale = layer.weight_scale.reshape(-1).to(torch.bfloat16, copy=True)
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight, self.scale).to(x.dtype)
