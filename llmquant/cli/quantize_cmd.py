@@ -28,6 +28,7 @@ schemes:
 examples:
   llmquant quantize --scheme W4A16 --group-size 64 --observer mse --output smol-w4a16
   llmquant quantize org/model --scheme FP8 --observer percentile --percentile 99.99 --output out/
+  llmquant quantize --scheme W4A16 --group-size 64 --gptq --output smol-w4a16-gptq
   llmquant quantize ./my-model --recipe configs/quant/w8a8.yaml --output out/
 """
 
@@ -78,7 +79,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "activation outliers into the weights with migration strength ALPHA in [0, 1], or "
                     "'auto' (the default) to search the best value per layer")
     sq.add_argument("--no-smoothquant", dest="smoothquant", action="store_false", help="turn SmoothQuant off")
-    cal = p.add_argument_group("calibration data (activation schemes)")
+    gq = p.add_argument_group("GPTQ (rounding that corrects each column's error with the next columns)")
+    gq.add_argument("--gptq", dest="gptq", action="store_true", default=None,
+                    help="quantize with GPTQ on the calibration data instead of plain rounding (after "
+                    "SmoothQuant when both run), decoder layer by decoder layer; same checkpoint format")
+    gq.add_argument("--no-gptq", dest="gptq", action="store_false", help="plain rounding even if the recipe says GPTQ")
+    gq.add_argument("--gptq-block-size", type=int, default=None, help="columns per error-feedback block (default 128)")
+    gq.add_argument("--gptq-dampening", type=float, default=None,
+                    help="fraction of the Hessian's mean diagonal added before inverting it (default 0.01)")
+    gq.add_argument("--act-order", dest="act_order", action="store_true", default=None,
+                    help="round the most active input columns first (implies --gptq; groups stay static, so "
+                    "the checkpoint needs no g_idx)")
+    cal = p.add_argument_group("calibration data (activation schemes and GPTQ)")
     cal.add_argument("--dataset", default=None,
                      help="builtin (default), a .txt/.jsonl/.parquet file, or a Hub dataset name[:config]")
     cal.add_argument("--dataset-config", default=None, help="Hub dataset configuration")
@@ -121,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         activations=args.activations, targets=args.targets, ignore=args.ignore,
         group_size_fallback=args.group_size_fallback, dataset=args.dataset, dataset_config=args.dataset_config,
         text_field=args.text_field, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-        smoothquant=args.smoothquant,
+        smoothquant=args.smoothquant, gptq=args.gptq, gptq_block_size=args.gptq_block_size,
+        gptq_dampening=args.gptq_dampening, act_order=args.act_order,
         overwrite=args.overwrite, verify=args.verify, verify_tokens=args.verify_tokens,
         progress=not args.quiet, **model_kwargs(args))
     report = result.report

@@ -6,6 +6,7 @@ argument names.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from llmquant.quant.calibration import observe_activations
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.plan import LayerPlan, auto_group_size, config_groups, plan_layers, unquantized_linear_names
 from llmquant.quant.primitives import sqnr_db
-from llmquant.quant.recipe import CalibrationConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
+from llmquant.quant.recipe import CalibrationConfig, GPTQConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
 from llmquant.quant.report import LayerReport, QuantReport
 from llmquant.quant.smoothquant import smooth_model
 from llmquant.quant.targets import linear_layers, set_submodule
@@ -53,7 +54,9 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
                  group_size_fallback: str | None = None, dataset: str | None = None,
                  dataset_config: str | None = None, text_field: str | None = None,
                  num_samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
-                 smoothquant: float | str | bool | None = None) -> Recipe:
+                 smoothquant: float | str | bool | None = None, gptq: bool | None = None,
+                 gptq_block_size: int | None = None, gptq_dampening: float | None = None,
+                 act_order: bool | None = None) -> Recipe:
     """A recipe from a file / object or a preset name, with explicit arguments layered on top."""
     if recipe is not None and scheme is not None:
         raise InvalidConfigError("Pass either a recipe or a scheme, not both (a recipe names its scheme).")
@@ -102,7 +105,22 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
                                targets=tuple(targets) if targets else None,
                                ignore=tuple(ignore) if ignore is not None else None,
                                group_size_fallback=group_size_fallback, calibration=calibration,
-                               smoothquant=_smoothquant_override(smoothquant))
+                               smoothquant=_smoothquant_override(smoothquant),
+                               gptq=_gptq_override(base.gptq, gptq, gptq_block_size, gptq_dampening, act_order))
+
+
+def _gptq_override(current: GPTQConfig | None, gptq: bool | None, block_size: int | None,
+                   dampening: float | None, act_order: bool | None):
+    """None: the recipe's choice; False: off; True or any GPTQ option: on, with those options."""
+    options = {k: v for k, v in dict(block_size=block_size, dampening=dampening, act_order=act_order).items()
+               if v is not None}
+    if gptq is False:
+        if options:
+            raise InvalidConfigError("GPTQ options were given with GPTQ turned off.")
+        return False
+    if gptq is None and not options:
+        return None
+    return GPTQConfig(**{**dataclasses.asdict(current or GPTQConfig()), **options})
 
 
 def _smoothquant_override(smoothquant: float | str | bool | None):
@@ -122,7 +140,9 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
              group_size_fallback: str | None = None, dataset: str | None = None,
              dataset_config: str | None = None, text_field: str | None = None, num_samples: int | None = None,
              seq_len: int | None = None, seed: int | None = None,
-             smoothquant: float | str | bool | None = None,
+             smoothquant: float | str | bool | None = None, gptq: bool | None = None,
+             gptq_block_size: int | None = None, gptq_dampening: float | None = None,
+             act_order: bool | None = None,
              revision: str | None = None,
              dtype: str = "auto", device: str | None = None, allow_pickle: bool = False,
              trust_remote_code: bool = False, overwrite: bool = False, verify: bool = True,
@@ -144,7 +164,8 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                        activation_percentile=activation_percentile, activations=activations, targets=targets,
                        ignore=ignore, group_size_fallback=group_size_fallback, dataset=dataset,
                        dataset_config=dataset_config, text_field=text_field, num_samples=num_samples,
-                       seq_len=seq_len, seed=seed, smoothquant=smoothquant)
+                       seq_len=seq_len, seed=seed, smoothquant=smoothquant, gptq=gptq,
+                       gptq_block_size=gptq_block_size, gptq_dampening=gptq_dampening, act_order=act_order)
     if output is not None:
         check_output_dir(output, overwrite)  # before minutes of work, not after
 
@@ -181,7 +202,14 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
         for name, why in smoothing.skipped.items():
             _say(progress, f"  SmoothQuant skipped {name}: {why}")
         _round_to_storage(net, set(smoothing.applied) - {p.name for p in plans if p.scheme}, loaded.source_dtype)
-    stats, cal_description = _calibrate(net, rec, plans, batches, progress)
+    gptq_reports: dict[str, LayerReport] = {}
+    if rec.gptq is not None:
+        gptq_reports, gptq_stats, cal_description = _run_gptq(net, rec, plans, batches, loaded.source_dtype, progress)
+        rest = [p for p in plans if p.name not in gptq_reports]
+        stats, _ = _calibrate(net, rec, rest, batches, progress)
+        stats.update(gptq_stats)
+    else:
+        stats, cal_description = _calibrate(net, rec, plans, batches, progress)
     timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -191,6 +219,9 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
     for plan in tqdm(plans, desc="quantizing layers", unit="layer", disable=not progress, leave=False):
         if plan.scheme is None:
             report.kept_full_precision[plan.name] = plan.note or "excluded"
+            continue
+        if plan.name in gptq_reports:
+            report.layers.append(gptq_reports[plan.name])
             continue
         report.layers.append(_quantize_layer(net, plan, stats.get(plan.name), scale_dtype_pack))
         plan.module = None  # the float layer is no longer referenced by the model; let it go
@@ -275,14 +306,30 @@ def _calibration_batches(tokenizer, rec: Recipe, plans: list[LayerPlan]) -> torc
     them, the activation report of dynamic schemes the first few. Weight-only: None."""
     from llmquant.data import calibration_batches
 
-    if not any(p.scheme is not None and p.scheme.input_activations for p in plans):
+    if rec.gptq is None and not any(p.scheme is not None and p.scheme.input_activations for p in plans):
         return None
     cal = rec.calibration
-    needs_all = rec.smoothquant is not None or any(p.scheme is not None and p.scheme.has_static_activations
+    needs_all = rec.smoothquant is not None or rec.gptq is not None or any(p.scheme is not None and p.scheme.has_static_activations
                                                     for p in plans)
     samples = cal.num_samples if needs_all else min(cal.num_samples, REPORT_PASS_SAMPLES)
     return calibration_batches(tokenizer, cal.dataset, num_samples=samples, seq_len=cal.seq_len, seed=cal.seed,
                                text_field=cal.text_field, config_name=cal.config_name)
+
+
+def _run_gptq(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor, storage_dtype: torch.dtype,
+              progress: bool):
+    """GPTQ, decoder layer by decoder layer, on the calibration batches; see gptq_model.py."""
+    from llmquant.quant.gptq_model import GPTQHandler
+    from llmquant.quant.sequential import run_sequential
+
+    cal, g = rec.calibration, rec.gptq
+    description = (f"{batches.shape[0]} x {cal.seq_len} tokens from {cal.dataset} (calibration split, seed "
+                   f"{cal.seed}) for GPTQ (block {g.block_size}, dampening {g.dampening}, act_order {g.act_order})")
+    _say(progress, f"calibrating on {description}")
+    handler = GPTQHandler(net, plans, g, storage_dtype)
+    run_sequential(net, batches, handler, progress=progress)
+    return handler.reports, handler.stats, {"description": description, "num_samples": batches.shape[0],
+                                            "seq_len": cal.seq_len, "dataset": cal.dataset, "seed": cal.seed}
 
 
 def _calibrate(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor | None, progress: bool):

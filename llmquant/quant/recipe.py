@@ -8,6 +8,10 @@
       group_size_fallback: error   # error | channel | skip
     smoothquant:               # activation schemes; absent: the scheme's default (W8A8: auto),
       alpha: auto              # null: off; alpha: a number in [0, 1] or auto
+    gptq:                      # absent/null: plain rounding; runs after smoothquant when both are set
+      block_size: 128
+      dampening: 0.01
+      act_order: false
     calibration:
       dataset: builtin
       num_samples: 128
@@ -78,6 +82,33 @@ class SmoothQuantConfig:
 
 
 @dataclass(frozen=True)
+class GPTQConfig:
+    # Columns whose error feedback is applied one by one before one matrix product updates the
+    # rest (speed only: any block size gives the same result up to float rounding).
+    block_size: int = 128
+    # Fraction of the Hessian's mean diagonal added to it, so that it can be inverted.
+    dampening: float = 0.01
+    # Round the most active input columns first (the permutation is undone before saving).
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise InvalidConfigError(f"gptq.block_size must be a positive integer, got {self.block_size!r}.")
+        if (isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float))
+                or not 0.0 < self.dampening <= 1.0):
+            raise InvalidConfigError(f"gptq.dampening must be a number in (0, 1], got {self.dampening!r}.")
+        if not isinstance(self.act_order, bool):
+            raise InvalidConfigError(f"gptq.act_order must be true or false, got {self.act_order!r}.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTQConfig":
+        if not isinstance(data, dict):
+            raise InvalidConfigError("gptq must be a mapping such as {block_size: 128, dampening: 0.01}.")
+        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "gptq")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class Recipe:
     scheme: QuantScheme
     scheme_name: str | None = None  # the preset it started from, for reports and model cards
@@ -86,6 +117,7 @@ class Recipe:
     group_size_fallback: str = "error"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     smoothquant: SmoothQuantConfig | None = None
+    gptq: GPTQConfig | None = None
 
     def __post_init__(self) -> None:
         if self.smoothquant is not None and self.scheme.input_activations is None:
@@ -117,6 +149,7 @@ class Recipe:
                 "group_size_fallback": self.group_size_fallback,
             },
             "smoothquant": dataclasses.asdict(self.smoothquant) if self.smoothquant else None,
+            "gptq": dataclasses.asdict(self.gptq) if self.gptq else None,
             "calibration": dataclasses.asdict(self.calibration),
         }
 
@@ -124,7 +157,7 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
         if not isinstance(data, dict):
             raise InvalidConfigError("A recipe must be a mapping with 'quantize' (and optionally 'calibration').")
-        reject_unknown_keys(data, {"quantize", "smoothquant", "calibration"}, "the recipe")
+        reject_unknown_keys(data, {"quantize", "smoothquant", "gptq", "calibration"}, "the recipe")
         q = dict(data.get("quantize") or {})
         reject_unknown_keys(q, {"scheme", "weights", "input_activations", "targets", "ignore",
                                 "group_size_fallback"}, "quantize")
@@ -148,9 +181,10 @@ class Recipe:
             smoothquant = SmoothQuantConfig.from_dict(sq) if sq is not None else None
         else:
             smoothquant = default_smoothquant(name, acts)
+        gptq = GPTQConfig.from_dict(data["gptq"]) if data.get("gptq") is not None else None
         return cls(scheme=QuantScheme(weights=weights, input_activations=acts),
                    scheme_name=name.upper() if name else None, calibration=calibration,
-                   smoothquant=smoothquant, **kwargs)
+                   smoothquant=smoothquant, gptq=gptq, **kwargs)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -182,8 +216,9 @@ class Recipe:
         if input_activations and a is not None:
             a = _merge_args(a, input_activations, "input_activations")
         changes = {k: v for k, v in fields.items() if v is not None}
-        if changes.get("smoothquant") is False:
-            changes["smoothquant"] = None
+        for optional in ("smoothquant", "gptq"):
+            if changes.get(optional) is False:
+                changes[optional] = None
         return dataclasses.replace(self, scheme=QuantScheme(weights=w, input_activations=a), **changes)
 
 
