@@ -31,6 +31,7 @@ from llmquant.quant.targets import linear_layers, set_submodule
 from llmquant.quant.verify import Agreement, compare_to_reference, reference_logprobs
 
 DEFAULT_SCHEME = "W4A16"
+SEQUENTIAL_BATCH = 4  # calibration samples per forward call in layer-by-layer runs
 REPORT_PASS_SAMPLES = 8  # dynamic schemes need no calibration; a few samples feed the report
 VERIFY_WINDOW = 512
 
@@ -142,7 +143,7 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
              seq_len: int | None = None, seed: int | None = None,
              smoothquant: float | str | bool | None = None, gptq: bool | None = None,
              gptq_block_size: int | None = None, gptq_dampening: float | None = None,
-             act_order: bool | None = None,
+             act_order: bool | None = None, resume: bool = False,
              revision: str | None = None,
              dtype: str = "auto", device: str | None = None, allow_pickle: bool = False,
              trust_remote_code: bool = False, overwrite: bool = False, verify: bool = True,
@@ -168,6 +169,9 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                        gptq_block_size=gptq_block_size, gptq_dampening=gptq_dampening, act_order=act_order)
     if output is not None:
         check_output_dir(output, overwrite)  # before minutes of work, not after
+    if resume and (output is None or rec.gptq is None):
+        raise InvalidConfigError("--resume continues an interrupted layer-by-layer (GPTQ) run: it needs --gptq "
+                                 "(or a recipe with gptq) and --output.")
 
     t = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(
@@ -204,7 +208,8 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
         _round_to_storage(net, set(smoothing.applied) - {p.name for p in plans if p.scheme}, loaded.source_dtype)
     gptq_reports: dict[str, LayerReport] = {}
     if rec.gptq is not None:
-        gptq_reports, gptq_stats, cal_description = _run_gptq(net, rec, plans, batches, loaded.source_dtype, progress)
+        gptq_reports, gptq_stats, cal_description = _run_gptq(net, rec, plans, batches, loaded, output, resume,
+                                                              progress)
         rest = [p for p in plans if p.name not in gptq_reports]
         stats, _ = _calibrate(net, rec, rest, batches, progress)
         stats.update(gptq_stats)
@@ -238,6 +243,10 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
         report.verification = verification.to_dict()
     timings["total"] = time.perf_counter() - t_start
     report.timings_s = timings
+    if output is not None and rec.gptq is not None:
+        from llmquant.quant.resume import discard, resume_dir
+
+        discard(resume_dir(output))  # the checkpoint is complete: nothing left to resume
     out_path = Path(output).expanduser().absolute() if output is not None else None
     return QuantizeResult(model=net, tokenizer=tokenizer, recipe=rec, report=report, output_dir=out_path,
                           verification=verification, seconds=timings["total"])
@@ -316,18 +325,44 @@ def _calibration_batches(tokenizer, rec: Recipe, plans: list[LayerPlan]) -> torc
                                text_field=cal.text_field, config_name=cal.config_name)
 
 
-def _run_gptq(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor, storage_dtype: torch.dtype,
+def _run_gptq(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor, loaded, output, resume: bool,
               progress: bool):
-    """GPTQ, decoder layer by decoder layer, on the calibration batches; see gptq_model.py."""
-    from llmquant.quant.gptq_model import GPTQHandler
-    from llmquant.quant.sequential import run_sequential
+    """GPTQ, decoder layer by decoder layer, on the calibration batches (gptq_model.py), after a
+    memory/time plan; with an output folder, a resume point is saved after every layer."""
+    from llmquant.quant import resume as resume_points
+    from llmquant.quant.gptq_model import GPTQHandler, scale_dtype_for
+    from llmquant.quant.memory_plan import check_plan, plan_sequential
+    from llmquant.quant.sequential import capture_first_inputs, find_decoder_layers, run_sequential
 
     cal, g = rec.calibration, rec.gptq
     description = (f"{batches.shape[0]} x {cal.seq_len} tokens from {cal.dataset} (calibration split, seed "
                    f"{cal.seed}) for GPTQ (block {g.block_size}, dampening {g.dampening}, act_order {g.act_order})")
+    quantized = {p.name for p in plans if p.scheme is not None}
+    plan = plan_sequential(net, batches.shape[0], batches.shape[1], SEQUENTIAL_BATCH, quantized)
+    _say(progress, plan.describe())
+    check_plan(plan)
     _say(progress, f"calibrating on {description}")
-    handler = GPTQHandler(net, plans, g, storage_dtype)
-    run_sequential(net, batches, handler, progress=progress)
+    handler = GPTQHandler(net, plans, g, loaded.source_dtype)
+    _, layers = find_decoder_layers(net)
+    device = next(net.parameters()).device
+    inputs = capture_first_inputs(net, layers[0], batches, SEQUENTIAL_BATCH, device)
+    start, writer = 0, None
+    if output is not None:
+        folder = resume_points.resume_dir(output)
+        key = resume_points.resume_key(rec.to_dict(), loaded.source.describe(), batches)
+        state = resume_points.load_resume_point(folder, key) if resume else None
+        if state is not None:
+            start, reports = resume_points.restore(net, folder, state, {p.name: p for p in plans},
+                                                   lambda s: scale_dtype_for(s, loaded.source_dtype), inputs)
+            handler.reports.update(reports)
+            _say(progress, f"resuming at layer {start} of {len(layers)} from {folder}")
+        else:
+            if resume:
+                _say(progress, f"no resume point in {folder}; starting from the first layer")
+            resume_points.discard(folder)
+        writer = resume_points.ResumeWriter(folder, key, handler.reports)
+    run_sequential(net, batches, handler, batch_size=SEQUENTIAL_BATCH, progress=progress, start_layer=start,
+                   inputs=inputs, on_layer_done=writer)
     return handler.reports, handler.stats, {"description": description, "num_samples": batches.shape[0],
                                             "seq_len": cal.seq_len, "dataset": cal.dataset, "seed": cal.seed}
 

@@ -92,11 +92,11 @@ def _run_layer(layer: nn.Module, inputs: LayerInputs, keep_outputs: bool) -> Non
 
 def run_sequential(model: nn.Module, batches: Tensor, handler: LayerHandler, *, batch_size: int = 4,
                    progress: bool = True, start_layer: int = 0, inputs: LayerInputs | None = None,
-                   on_layer_done: Callable[[int, LayerInputs], None] | None = None) -> None:
+                   on_layer_done: Callable[[int, str, nn.Module, LayerInputs], None] | None = None) -> None:
     """Calibrate and quantize decoder layer by layer (see the module docstring).
 
     `start_layer` with `inputs` (that layer's captured inputs) resumes an interrupted run;
-    `on_layer_done(k, next_inputs)` is called after layer k, e.g. to save a resume point."""
+    `on_layer_done(k, prefix, layer, next_inputs)` is called after layer k (to save a resume point)."""
     prefix, layers = find_decoder_layers(model)
     device = next(model.parameters()).device
     if inputs is None:
@@ -120,7 +120,7 @@ def run_sequential(model: nn.Module, batches: Tensor, handler: LayerHandler, *, 
             done += 1
             bar.update(1)
             if on_layer_done is not None:
-                on_layer_done(k, inputs)
+                on_layer_done(k, f"{prefix}.{k}", layer, inputs)
             if not progress:
                 continue
             per_layer = (time.perf_counter() - t0) / done
