@@ -90,6 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gq.add_argument("--act-order", dest="act_order", action="store_true", default=None,
                     help="round the most active input columns first (implies --gptq; groups stay static, so "
                     "the checkpoint needs no g_idx)")
+    gq.add_argument("--awq", dest="awq", action="store_true", default=None,
+                    help="weight-only schemes: search activation-aware per-channel scales (AWQ) and fold them "
+                    "into the preceding norm / up_proj before rounding (composes with --gptq)")
     gq.add_argument("--resume", action="store_true",
                     help="continue an interrupted GPTQ run at the layer it reached (its progress is kept in "
                     "OUTPUT.resume/ until the checkpoint is saved); the settings must be the same")
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         group_size_fallback=args.group_size_fallback, dataset=args.dataset, dataset_config=args.dataset_config,
         text_field=args.text_field, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
         smoothquant=args.smoothquant, gptq=args.gptq, gptq_block_size=args.gptq_block_size,
-        gptq_dampening=args.gptq_dampening, act_order=args.act_order, resume=args.resume,
+        gptq_dampening=args.gptq_dampening, act_order=args.act_order, awq=args.awq, resume=args.resume,
         overwrite=args.overwrite, verify=args.verify, verify_tokens=args.verify_tokens,
         progress=not args.quiet, **model_kwargs(args))
     report = result.report

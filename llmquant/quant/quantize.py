@@ -24,7 +24,7 @@ from llmquant.quant.calibration import observe_activations
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.plan import LayerPlan, auto_group_size, config_groups, plan_layers, unquantized_linear_names
 from llmquant.quant.primitives import sqnr_db
-from llmquant.quant.recipe import CalibrationConfig, GPTQConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
+from llmquant.quant.recipe import CalibrationConfig, AWQConfig, GPTQConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
 from llmquant.quant.report import LayerReport, QuantReport
 from llmquant.quant.smoothquant import smooth_model
 from llmquant.quant.targets import linear_layers, set_submodule
@@ -57,7 +57,7 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
                  num_samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
                  smoothquant: float | str | bool | None = None, gptq: bool | None = None,
                  gptq_block_size: int | None = None, gptq_dampening: float | None = None,
-                 act_order: bool | None = None) -> Recipe:
+                 act_order: bool | None = None, awq: bool | None = None) -> Recipe:
     """A recipe from a file / object or a preset name, with explicit arguments layered on top."""
     if recipe is not None and scheme is not None:
         raise InvalidConfigError("Pass either a recipe or a scheme, not both (a recipe names its scheme).")
@@ -107,7 +107,8 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
                                ignore=tuple(ignore) if ignore is not None else None,
                                group_size_fallback=group_size_fallback, calibration=calibration,
                                smoothquant=_smoothquant_override(smoothquant),
-                               gptq=_gptq_override(base.gptq, gptq, gptq_block_size, gptq_dampening, act_order))
+                               gptq=_gptq_override(base.gptq, gptq, gptq_block_size, gptq_dampening, act_order),
+                               awq=None if awq is None else (base.awq or AWQConfig()) if awq else False)
 
 
 def _gptq_override(current: GPTQConfig | None, gptq: bool | None, block_size: int | None,
@@ -143,7 +144,7 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
              seq_len: int | None = None, seed: int | None = None,
              smoothquant: float | str | bool | None = None, gptq: bool | None = None,
              gptq_block_size: int | None = None, gptq_dampening: float | None = None,
-             act_order: bool | None = None, resume: bool = False,
+             act_order: bool | None = None, awq: bool | None = None, resume: bool = False,
              revision: str | None = None,
              dtype: str = "auto", device: str | None = None, allow_pickle: bool = False,
              trust_remote_code: bool = False, overwrite: bool = False, verify: bool = True,
@@ -166,7 +167,8 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                        ignore=ignore, group_size_fallback=group_size_fallback, dataset=dataset,
                        dataset_config=dataset_config, text_field=text_field, num_samples=num_samples,
                        seq_len=seq_len, seed=seed, smoothquant=smoothquant, gptq=gptq,
-                       gptq_block_size=gptq_block_size, gptq_dampening=gptq_dampening, act_order=act_order)
+                       gptq_block_size=gptq_block_size, gptq_dampening=gptq_dampening, act_order=act_order,
+                       awq=awq)
     if output is not None:
         check_output_dir(output, overwrite)  # before minutes of work, not after
     if resume and (output is None or rec.gptq is None):
@@ -205,6 +207,15 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                                  only={p.name for p in plans if p.scheme}, progress=progress)
         for name, why in smoothing.skipped.items():
             _say(progress, f"  SmoothQuant skipped {name}: {why}")
+        _round_to_storage(net, set(smoothing.applied) - {p.name for p in plans if p.scheme}, loaded.source_dtype)
+    if rec.awq is not None:
+        from llmquant.quant.awq import awq_model
+
+        _say(progress, f"AWQ scale search on {batches.shape[0]} x {batches.shape[1]} tokens")
+        smoothing = awq_model(net, batches, rec.scheme.weights, grid=rec.awq.grid,
+                              only={p.name for p in plans if p.scheme}, progress=progress)
+        for name, why in smoothing.skipped.items():
+            _say(progress, f"  AWQ skipped {name}: {why}")
         _round_to_storage(net, set(smoothing.applied) - {p.name for p in plans if p.scheme}, loaded.source_dtype)
     gptq_reports: dict[str, LayerReport] = {}
     if rec.gptq is not None:
@@ -315,10 +326,10 @@ def _calibration_batches(tokenizer, rec: Recipe, plans: list[LayerPlan]) -> torc
     them, the activation report of dynamic schemes the first few. Weight-only: None."""
     from llmquant.data import calibration_batches
 
-    if rec.gptq is None and not any(p.scheme is not None and p.scheme.input_activations for p in plans):
+    if rec.gptq is None and rec.awq is None and not any(p.scheme is not None and p.scheme.input_activations for p in plans):
         return None
     cal = rec.calibration
-    needs_all = rec.smoothquant is not None or rec.gptq is not None or any(p.scheme is not None and p.scheme.has_static_activations
+    needs_all = rec.smoothquant is not None or rec.gptq is not None or rec.awq is not None or any(p.scheme is not None and p.scheme.has_static_activations
                                                     for p in plans)
     samples = cal.num_samples if needs_all else min(cal.num_samples, REPORT_PASS_SAMPLES)
     return calibration_batches(tokenizer, cal.dataset, num_samples=samples, seq_len=cal.seq_len, seed=cal.seed,

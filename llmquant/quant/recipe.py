@@ -8,6 +8,8 @@
       group_size_fallback: error   # error | channel | skip
     smoothquant:               # activation schemes; absent: the scheme's default (W8A8: auto),
       alpha: auto              # null: off; alpha: a number in [0, 1] or auto
+    awq:                       # weight-only schemes: activation-aware per-channel scales, before gptq
+      grid: 20                 # alphas searched: 0, 1/grid, ..., 1
     gptq:                      # absent/null: plain rounding; runs after smoothquant when both are set
       block_size: 128
       dampening: 0.01
@@ -109,6 +111,23 @@ class GPTQConfig:
 
 
 @dataclass(frozen=True)
+class AWQConfig:
+    # Migration exponents searched per mapping: 0, 1/grid, ..., 1 (0 means no scaling).
+    grid: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 100:
+            raise InvalidConfigError(f"awq.grid must be an integer from 1 to 100, got {self.grid!r}.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AWQConfig":
+        if not isinstance(data, dict):
+            raise InvalidConfigError("awq must be a mapping such as {grid: 20}.")
+        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "awq")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class Recipe:
     scheme: QuantScheme
     scheme_name: str | None = None  # the preset it started from, for reports and model cards
@@ -118,8 +137,13 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     smoothquant: SmoothQuantConfig | None = None
     gptq: GPTQConfig | None = None
+    awq: AWQConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.awq is not None and self.scheme.input_activations is not None:
+            raise InvalidConfigError(
+                "AWQ scaling is for weight-only schemes (W4A16, W8A16); schemes that quantize activations "
+                "use SmoothQuant instead.")
         if self.smoothquant is not None and self.scheme.input_activations is None:
             raise InvalidConfigError(
                 "SmoothQuant moves activation outliers into the weights: it helps schemes that quantize "
@@ -149,6 +173,7 @@ class Recipe:
                 "group_size_fallback": self.group_size_fallback,
             },
             "smoothquant": dataclasses.asdict(self.smoothquant) if self.smoothquant else None,
+            "awq": dataclasses.asdict(self.awq) if self.awq else None,
             "gptq": dataclasses.asdict(self.gptq) if self.gptq else None,
             "calibration": dataclasses.asdict(self.calibration),
         }
@@ -157,7 +182,7 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
         if not isinstance(data, dict):
             raise InvalidConfigError("A recipe must be a mapping with 'quantize' (and optionally 'calibration').")
-        reject_unknown_keys(data, {"quantize", "smoothquant", "gptq", "calibration"}, "the recipe")
+        reject_unknown_keys(data, {"quantize", "smoothquant", "awq", "gptq", "calibration"}, "the recipe")
         q = dict(data.get("quantize") or {})
         reject_unknown_keys(q, {"scheme", "weights", "input_activations", "targets", "ignore",
                                 "group_size_fallback"}, "quantize")
@@ -182,9 +207,10 @@ class Recipe:
         else:
             smoothquant = default_smoothquant(name, acts)
         gptq = GPTQConfig.from_dict(data["gptq"]) if data.get("gptq") is not None else None
+        awq = AWQConfig.from_dict(data["awq"]) if data.get("awq") is not None else None
         return cls(scheme=QuantScheme(weights=weights, input_activations=acts),
                    scheme_name=name.upper() if name else None, calibration=calibration,
-                   smoothquant=smoothquant, gptq=gptq, **kwargs)
+                   smoothquant=smoothquant, gptq=gptq, awq=awq, **kwargs)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -216,7 +242,7 @@ class Recipe:
         if input_activations and a is not None:
             a = _merge_args(a, input_activations, "input_activations")
         changes = {k: v for k, v in fields.items() if v is not None}
-        for optional in ("smoothquant", "gptq"):
+        for optional in ("smoothquant", "gptq", "awq"):
             if changes.get(optional) is False:
                 changes[optional] = None
         return dataclasses.replace(self, scheme=QuantScheme(weights=w, input_activations=a), **changes)
