@@ -62,6 +62,8 @@ CONFIGS: list[tuple[str, dict]] = [
     ("W4A16 g64 sym act_order GPTQ", dict(scheme="W4A16", group_size=64, gptq=True, act_order=True, **CAL)),
     ("W4A16 g64 asym GPTQ", dict(scheme="W4A16_ASYM", group_size=64, gptq=True, **CAL)),
     ("W8A8 SmoothQuant + GPTQ", dict(scheme="W8A8", gptq=True, **CAL)),
+    # Automatic mixed precision: W4A16 / W8A16 per layer by sensitivity, 5 bits per weight on average.
+    ("W4A16 g64 sym GPTQ mixed 5 bits", dict(scheme="W4A16", group_size=64, gptq=True, target_bits=5.0, **CAL)),
     # llm-compressor's own configuration names (benchmarks/llmcompressor_run.py), same calibration.
     ("llm-compressor W4A16 g64 sym RTN", dict(llmcompressor="W4A16 g64 sym RTN")),
     ("llm-compressor W4A16 g64 sym GPTQ", dict(llmcompressor="W4A16 g64 sym GPTQ", **CAL)),

@@ -93,6 +93,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     gq.add_argument("--awq", dest="awq", action="store_true", default=None,
                     help="weight-only schemes: search activation-aware per-channel scales (AWQ) and fold them "
                     "into the preceding norm / up_proj before rounding (composes with --gptq)")
+    mixg = what.add_mutually_exclusive_group()
+    mixg.add_argument("--target-bits", type=float, default=None, metavar="B",
+                      help="mixed precision (W4A16 schemes): measure each layer's sensitivity (KL of the output "
+                      "with only that layer quantized) and move the most sensitive layers to W8A16 until the "
+                      "average bits per weight (scales included) reaches B; one checkpoint, one config group "
+                      "per scheme")
+    mixg.add_argument("--max-ppl-increase", type=float, default=None, metavar="P",
+                      help="mixed precision: upgrade sensitive layers until the estimated perplexity increase "
+                      "is at most P percent")
     gq.add_argument("--resume", action="store_true",
                     help="continue an interrupted GPTQ run at the layer it reached (its progress is kept in "
                     "OUTPUT.resume/ until the checkpoint is saved); the settings must be the same")
@@ -140,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         group_size_fallback=args.group_size_fallback, dataset=args.dataset, dataset_config=args.dataset_config,
         text_field=args.text_field, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
         smoothquant=args.smoothquant, gptq=args.gptq, gptq_block_size=args.gptq_block_size,
-        gptq_dampening=args.gptq_dampening, act_order=args.act_order, awq=args.awq, resume=args.resume,
+        gptq_dampening=args.gptq_dampening, act_order=args.act_order, awq=args.awq, target_bits=args.target_bits,
+        max_ppl_increase=args.max_ppl_increase, resume=args.resume,
         overwrite=args.overwrite, verify=args.verify, verify_tokens=args.verify_tokens,
         progress=not args.quiet, **model_kwargs(args))
     report = result.report

@@ -24,7 +24,7 @@ from llmquant.quant.calibration import observe_activations
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.plan import LayerPlan, auto_group_size, config_groups, plan_layers, unquantized_linear_names
 from llmquant.quant.primitives import sqnr_db
-from llmquant.quant.recipe import CalibrationConfig, AWQConfig, GPTQConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
+from llmquant.quant.recipe import CalibrationConfig, AWQConfig, GPTQConfig, MixedPrecisionConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
 from llmquant.quant.report import LayerReport, QuantReport
 from llmquant.quant.smoothquant import smooth_model
 from llmquant.quant.targets import linear_layers, set_submodule
@@ -57,7 +57,8 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
                  num_samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
                  smoothquant: float | str | bool | None = None, gptq: bool | None = None,
                  gptq_block_size: int | None = None, gptq_dampening: float | None = None,
-                 act_order: bool | None = None, awq: bool | None = None) -> Recipe:
+                 act_order: bool | None = None, awq: bool | None = None, target_bits: float | None = None,
+                 max_ppl_increase: float | None = None) -> Recipe:
     """A recipe from a file / object or a preset name, with explicit arguments layered on top."""
     if recipe is not None and scheme is not None:
         raise InvalidConfigError("Pass either a recipe or a scheme, not both (a recipe names its scheme).")
@@ -108,7 +109,16 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
                                group_size_fallback=group_size_fallback, calibration=calibration,
                                smoothquant=_smoothquant_override(smoothquant),
                                gptq=_gptq_override(base.gptq, gptq, gptq_block_size, gptq_dampening, act_order),
-                               awq=None if awq is None else (base.awq or AWQConfig()) if awq else False)
+                               awq=None if awq is None else (base.awq or AWQConfig()) if awq else False,
+                               mixed_precision=_mixed_override(base.mixed_precision, target_bits, max_ppl_increase))
+
+
+def _mixed_override(current: MixedPrecisionConfig | None, target_bits: float | None,
+                    max_ppl_increase: float | None) -> MixedPrecisionConfig | None:
+    if target_bits is None and max_ppl_increase is None:
+        return None
+    keep = {k: v for k, v in dataclasses.asdict(current).items() if k in ("high", "samples")} if current else {}
+    return MixedPrecisionConfig(target_bits=target_bits, max_ppl_increase=max_ppl_increase, **keep)
 
 
 def _gptq_override(current: GPTQConfig | None, gptq: bool | None, block_size: int | None,
@@ -144,7 +154,8 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
              seq_len: int | None = None, seed: int | None = None,
              smoothquant: float | str | bool | None = None, gptq: bool | None = None,
              gptq_block_size: int | None = None, gptq_dampening: float | None = None,
-             act_order: bool | None = None, awq: bool | None = None, resume: bool = False,
+             act_order: bool | None = None, awq: bool | None = None, target_bits: float | None = None,
+             max_ppl_increase: float | None = None, resume: bool = False,
              revision: str | None = None,
              dtype: str = "auto", device: str | None = None, allow_pickle: bool = False,
              trust_remote_code: bool = False, overwrite: bool = False, verify: bool = True,
@@ -168,7 +179,7 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                        dataset_config=dataset_config, text_field=text_field, num_samples=num_samples,
                        seq_len=seq_len, seed=seed, smoothquant=smoothquant, gptq=gptq,
                        gptq_block_size=gptq_block_size, gptq_dampening=gptq_dampening, act_order=act_order,
-                       awq=awq)
+                       awq=awq, target_bits=target_bits, max_ppl_increase=max_ppl_increase)
     if output is not None:
         check_output_dir(output, overwrite)  # before minutes of work, not after
     if resume and (output is None or rec.gptq is None):
@@ -193,6 +204,7 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
         if message and progress:
             print(message, file=sys.stderr)
     plans = plan_layers(rec, layers)
+    mixed = _choose_mixed_precision(net, tokenizer, rec, plans, progress) if rec.mixed_precision else None
     _say(progress, f"quantizing {loaded.source.describe()} with {rec.name}: {rec.scheme.describe()}")
 
     windows = _verify_windows(tokenizer, rec, verify_tokens) if verify else None
@@ -230,7 +242,8 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
 
     t = time.perf_counter()
     report = QuantReport(source=_source_info(loaded), recipe=rec.to_dict(), calibration=cal_description,
-                         environment=_environment(), smoothquant=smoothing.to_dict() if smoothing else None)
+                         environment=_environment(), smoothquant=smoothing.to_dict() if smoothing else None,
+                         mixed_precision=mixed)
     scale_dtype_pack = loaded.source_dtype
     for plan in tqdm(plans, desc="quantizing layers", unit="layer", disable=not progress, leave=False):
         if plan.scheme is None:
@@ -334,6 +347,33 @@ def _calibration_batches(tokenizer, rec: Recipe, plans: list[LayerPlan]) -> torc
     samples = cal.num_samples if needs_all else min(cal.num_samples, REPORT_PASS_SAMPLES)
     return calibration_batches(tokenizer, cal.dataset, num_samples=samples, seq_len=cal.seq_len, seed=cal.seed,
                                text_field=cal.text_field, config_name=cal.config_name)
+
+
+def _choose_mixed_precision(net, tokenizer, rec: Recipe, plans: list[LayerPlan], progress: bool) -> dict:
+    """Measure each layer's sensitivity and give the sensitive ones the high scheme (mixed.py)."""
+    from llmquant.data import calibration_batches
+    from llmquant.quant.mixed import choose_schemes, layer_sensitivities
+    from llmquant.quant.presets import preset
+
+    mp, cal = rec.mixed_precision, rec.calibration
+    high = preset(mp.high)
+    windows = calibration_batches(tokenizer, cal.dataset, num_samples=mp.samples, seq_len=cal.seq_len,
+                                  seed=cal.seed, text_field=cal.text_field, config_name=cal.config_name)
+    _say(progress, f"measuring the sensitivity of {len(plans)} layers to {rec.scheme.describe()} on "
+                   f"{windows.shape[0]} x {windows.shape[1]} calibration tokens")
+    sensitivity = layer_sensitivities(net, plans, rec.scheme, windows, progress)
+    choice = choose_schemes(plans, sensitivity, rec.scheme, high, target_bits=mp.target_bits,
+                            max_ppl_increase=mp.max_ppl_increase)
+    for plan in plans:
+        if plan.name in choice.schemes:
+            plan.scheme = choice.schemes[plan.name]
+            if plan.scheme == high:
+                plan.note = f"mixed precision: {mp.high} (sensitivity KL {sensitivity[plan.name]:.5f})"
+    _say(progress, choice.describe())
+    return {"target_bits": mp.target_bits, "max_ppl_increase": mp.max_ppl_increase, "high": mp.high,
+            "average_bits": choice.average_bits, "estimated_ppl_increase_pct": choice.estimated_ppl_increase_pct,
+            "high_layers": sorted(n for n, s in choice.schemes.items() if s == high),
+            "sensitivity": sensitivity}
 
 
 def _run_gptq(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor, loaded, output, resume: bool,

@@ -45,6 +45,7 @@ class QuantReport:
     kept_full_precision: dict[str, str] = field(default_factory=dict)  # name -> reason
     calibration: dict | None = None
     smoothquant: dict | None = None
+    mixed_precision: dict | None = None
     verification: dict | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
