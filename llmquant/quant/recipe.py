@@ -13,7 +13,7 @@
     mixed_precision:           # weight-only schemes: per-layer choice between the scheme and `high`
       target_bits: 5.0         # average bits per weight (scales included), or max_ppl_increase: 10
       high: W8A16
-      samples: 4               # calibration windows for the per-layer sensitivity
+      samples: 2               # calibration windows for the per-layer sensitivity
     gptq:                      # absent/null: plain rounding; runs after smoothquant when both are set
       block_size: 128
       dampening: 0.01
@@ -138,7 +138,7 @@ class MixedPrecisionConfig:
     target_bits: float | None = None
     max_ppl_increase: float | None = None
     high: str = "W8A16"  # the scheme sensitive layers move to
-    samples: int = 4  # calibration windows the sensitivities are measured on
+    samples: int = 2  # calibration windows the sensitivities are measured on
 
     def __post_init__(self) -> None:
         if (self.target_bits is None) == (self.max_ppl_increase is None):
