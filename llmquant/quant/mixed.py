@@ -56,9 +56,14 @@ class Choice:
 
 
 def layer_sensitivities(model: nn.Module, plans: list[LayerPlan], low: QuantScheme, windows: Tensor,
-                        progress: bool = True) -> dict[str, float]:
-    """Mean KL of the model's output when only one layer is rounded to `low`, for every plan."""
+                        progress: bool = True, reuse_layer_inputs: bool = True) -> dict[str, float]:
+    """Mean KL of the model's output when only one layer is rounded to `low`, for every plan.
+
+    The hidden states entering each decoder layer are computed once; a layer inside decoder
+    layer k then only needs layers k.. and the head re-run (about half the work of a full
+    forward on average). Models without a recognizable stack and head take full forwards."""
     reference = reference_logprobs(model, windows, progress=False)
+    tail = _TailRunner.build(model, windows) if reuse_layer_inputs else None
     out: dict[str, float] = {}
     for plan in tqdm([p for p in plans if p.scheme is not None], desc="layer sensitivity", unit="layer",
                      disable=not progress):
@@ -69,10 +74,65 @@ def layer_sensitivities(model: nn.Module, plans: list[LayerPlan], low: QuantSche
         weight.data = fake_quantize(grouped_view(weight.detach().float(), args), scale, zp,
                                     args).reshape(weight.shape).to(weight.dtype)
         try:
-            out[plan.name] = compare_to_reference(model, windows, reference, progress=False).kl_mean
+            start = tail.layer_of(plan.name) if tail is not None else None
+            if start is None:
+                out[plan.name] = compare_to_reference(model, windows, reference, progress=False).kl_mean
+            else:
+                out[plan.name] = _mean_kl(tail.logits_from(start), reference)
         finally:
             weight.data = saved
     return out
+
+
+def _mean_kl(logits: Tensor, reference: list[tuple[Tensor, Tensor]]) -> float:
+    kls = []
+    for row, (ref, _) in zip(logits, reference):
+        logq = torch.log_softmax(row.float().cpu(), dim=-1)
+        logp = torch.log_softmax(ref.float(), dim=-1)
+        kls.append((logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0))
+    return float(torch.cat(kls).mean())
+
+
+class _TailRunner:
+    """Runs a causal LM from decoder layer k on cached inputs: layers k.., final norm, head."""
+
+    def __init__(self, prefix: str, layers: nn.ModuleList, norm: nn.Module, head: nn.Module, cached: list):
+        self.prefix, self.layers, self.norm, self.head, self.cached = prefix, layers, norm, head, cached
+
+    @classmethod
+    def build(cls, model: nn.Module, windows: Tensor) -> "_TailRunner | None":
+        from llmquant.quant.sequential import capture_first_inputs, find_decoder_layers
+
+        try:
+            prefix, layers = find_decoder_layers(model)
+        except Exception:
+            return None
+        parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+        norm, head = getattr(parent, "norm", None), model.get_output_embeddings()
+        if norm is None or head is None:
+            return None
+        device = next(model.parameters()).device
+        first = capture_first_inputs(model, layers[0], windows, windows.shape[0], device).calls[0]
+        cached, (args, kwargs) = [], first
+        with torch.inference_mode():
+            for layer in layers:
+                cached.append((args, kwargs))
+                out = layer(*args, **kwargs)
+                args = ((out[0] if isinstance(out, (tuple, list)) else out),) + tuple(args[1:])
+        return cls(prefix, layers, norm, head, cached)
+
+    def layer_of(self, name: str) -> int | None:
+        if not name.startswith(self.prefix + "."):
+            return None
+        return int(name[len(self.prefix) + 1:].split(".", 1)[0])
+
+    def logits_from(self, k: int) -> Tensor:
+        args, kwargs = self.cached[k]
+        with torch.inference_mode():
+            for layer in self.layers[k:]:
+                out = layer(*args, **kwargs)
+                args = ((out[0] if isinstance(out, (tuple, list)) else out),) + tuple(args[1:])
+            return self.head(self.norm(args[0]))
 
 
 def choose_schemes(plans: list[LayerPlan], sensitivity: dict[str, float], low: QuantScheme, high: QuantScheme, *,

@@ -40,6 +40,25 @@ def test_greedy_choice_meets_the_bit_target_with_the_most_sensitive_layers():
     assert by_ppl.estimated_ppl_increase_pct == pytest.approx(100 * (torch.tensor(0.011).exp().item() - 1), rel=1e-4)
 
 
+def test_fast_sensitivities_equal_full_forwards(tiny_model_dir):
+    from llmquant import load_model
+    from llmquant.quant import mixed
+    from llmquant.quant.plan import plan_layers
+    from llmquant.quant.recipe import recipe_from_scheme
+    from llmquant.quant.targets import linear_layers
+
+    net = load_model(tiny_model_dir, dtype="float32").model
+    rec = recipe_from_scheme("W4A16").with_overrides(weights={"group_size": 32, "observer": "minmax"})
+    plans = plan_layers(rec, list(linear_layers(net, rec.targets, rec.ignore)))
+    windows = torch.randint(0, net.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    fast = mixed.layer_sensitivities(net, plans, rec.scheme, windows, progress=False)
+    full = mixed.layer_sensitivities(net, plans, rec.scheme, windows, progress=False, reuse_layer_inputs=False)
+    assert fast.keys() == full.keys() and len(fast) == 14
+    for name in fast:
+        assert fast[name] == pytest.approx(full[name], rel=1e-3, abs=1e-7), name
+    assert len(set(round(v, 8) for v in fast.values())) > 10  # the layers really differ
+
+
 def test_recipe_validation():
     r = Recipe.from_yaml("quantize: {scheme: W4A16}\nmixed_precision: {target_bits: 5}\n")
     assert r.mixed_precision == MixedPrecisionConfig(target_bits=5)
