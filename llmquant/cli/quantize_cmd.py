@@ -29,6 +29,9 @@ examples:
   llmquant quantize --scheme W4A16 --group-size 64 --observer mse --output smol-w4a16
   llmquant quantize org/model --scheme FP8 --observer percentile --percentile 99.99 --output out/
   llmquant quantize --scheme W4A16 --group-size 64 --gptq --output smol-w4a16-gptq
+  llmquant quantize --scheme W4A16 --group-size 64 --gptq --target-bits 5 --output smol-mixed
+  llmquant quantize --scheme W4A16 --gptq --output out/ --resume   # continue an interrupted run
+  llmquant quantize --scheme W8A8 --gptq --output smol-w8a8-gptq   # SmoothQuant, then GPTQ
   llmquant quantize ./my-model --recipe configs/quant/w8a8.yaml --output out/
 """
 
