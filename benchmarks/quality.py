@@ -216,7 +216,8 @@ def main() -> int:
     print(f"original: perplexity {baseline['perplexity']:.3f}", flush=True)
     rows = previous_rows(args.max_tokens) if args.only else []
     # In the order of --only's prefixes (then the table's order), so the rows compared come first.
-    order = [n for p in (args.only or [""]) for n, _ in CONFIGS if n.startswith(p)]
+    names = [n for n, _ in CONFIGS]  # an exact row name selects only that row; otherwise a prefix
+    order = [n for p in (args.only or [""]) for n in names if n == p or (p not in names and n.startswith(p))]
     for name in dict.fromkeys(order):
         kwargs = dict(CONFIGS)[name]
         row = measure(name, kwargs, demo_dir, args.max_tokens, reference, args.lc_python)
