@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def measure(name: str, kwargs: dict, demo_dir: Path, max_tokens: int, reference,
         row = {"name": name, "options": kwargs, "perplexity": ppl.perplexity, "checkpoint_mb": size / 1e6,
                "quantize_seconds": child["seconds"], "peak_rss_mb": child["peak_rss_mb"],
                "kl_mean": agree.kl_mean, "top1_agreement": agree.top1_agreement,
-               "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
+               "command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%d")}
         if "llmcompressor" in child:
             row["tool"] = f"llm-compressor {child['llmcompressor']}"
         return row
@@ -212,7 +213,7 @@ def main() -> int:
     method = f"window {m.get('window')}, stride {m.get('stride')}, token-level"
     meta = {"max_tokens": args.max_tokens, "method": method, "method_detail": m, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-            "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
+            "command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%d")}
     print(f"original: perplexity {baseline['perplexity']:.3f}", flush=True)
     rows = previous_rows(args.max_tokens) if args.only else []
     # In the order of --only's prefixes (then the table's order), so the rows compared come first.
