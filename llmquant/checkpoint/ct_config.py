@@ -77,7 +77,9 @@ def parse_quantization_config(qcfg: dict) -> tuple[list[ConfigGroup], list[str]]
         w = g.get("weights")
         if not w:
             raise _refuse(f"activation-only quantization in {name}")
-        if w.get("actorder") not in (None, False):
+        # "static"/"weight" ordering (llm-compressor's GPTQ default) only changed the rounding order:
+        # groups stay consecutive columns and no g_idx is stored, so the layout is the plain one.
+        if w.get("actorder") not in (None, False, "static", "weight"):
             raise _refuse(f"activation ordering (actorder={w.get('actorder')!r}) in {name}")
         if w.get("block_structure"):
             raise _refuse(f"block-wise weight scales in {name}")

@@ -28,6 +28,10 @@ schemes:
 examples:
   llmquant quantize --scheme W4A16 --group-size 64 --observer mse --output smol-w4a16
   llmquant quantize org/model --scheme FP8 --observer percentile --percentile 99.99 --output out/
+  llmquant quantize --scheme W4A16 --group-size 64 --gptq --output smol-w4a16-gptq
+  llmquant quantize --scheme W4A16 --group-size 64 --gptq --target-bits 5 --output smol-mixed
+  llmquant quantize --scheme W4A16 --gptq --output out/ --resume   # continue an interrupted run
+  llmquant quantize --scheme W8A8 --gptq --output smol-w8a8-gptq   # SmoothQuant, then GPTQ
   llmquant quantize ./my-model --recipe configs/quant/w8a8.yaml --output out/
   llmquant quantize org/model --scheme W8A8 --output out/ --push-to-hub me/model-W8A8
 """
@@ -79,7 +83,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "activation outliers into the weights with migration strength ALPHA in [0, 1], or "
                     "'auto' (the default) to search the best value per layer")
     sq.add_argument("--no-smoothquant", dest="smoothquant", action="store_false", help="turn SmoothQuant off")
-    cal = p.add_argument_group("calibration data (activation schemes)")
+    gq = p.add_argument_group("GPTQ (rounding that corrects each column's error with the next columns)")
+    gq.add_argument("--gptq", dest="gptq", action="store_true", default=None,
+                    help="quantize with GPTQ on the calibration data instead of plain rounding (after "
+                    "SmoothQuant when both run), decoder layer by decoder layer; same checkpoint format")
+    gq.add_argument("--no-gptq", dest="gptq", action="store_false", help="plain rounding even if the recipe says GPTQ")
+    gq.add_argument("--gptq-block-size", type=int, default=None, help="columns per error-feedback block (default 128)")
+    gq.add_argument("--gptq-dampening", type=float, default=None,
+                    help="fraction of the Hessian's mean diagonal added before inverting it (default 0.01)")
+    gq.add_argument("--act-order", dest="act_order", action="store_true", default=None,
+                    help="round the most active input columns first (implies --gptq; groups stay static, so "
+                    "the checkpoint needs no g_idx)")
+    gq.add_argument("--awq", dest="awq", action="store_true", default=None,
+                    help="weight-only schemes: search activation-aware per-channel scales (AWQ) and fold them "
+                    "into the preceding norm / up_proj before rounding (composes with --gptq)")
+    mixg = what.add_mutually_exclusive_group()
+    mixg.add_argument("--target-bits", type=float, default=None, metavar="B",
+                      help="mixed precision (W4A16 schemes): measure each layer's sensitivity (KL of the output "
+                      "with only that layer quantized) and move the most sensitive layers to W8A16 until the "
+                      "average bits per weight (scales included) reaches B; one checkpoint, one config group "
+                      "per scheme")
+    mixg.add_argument("--max-ppl-increase", type=float, default=None, metavar="P",
+                      help="mixed precision: upgrade sensitive layers until the estimated perplexity increase "
+                      "is at most P percent")
+    gq.add_argument("--resume", action="store_true",
+                    help="continue an interrupted GPTQ run at the layer it reached (its progress is kept in "
+                    "OUTPUT.resume/ until the checkpoint is saved); the settings must be the same")
+    cal = p.add_argument_group("calibration data (activation schemes and GPTQ)")
     cal.add_argument("--dataset", default=None,
                      help="builtin (default), a .txt/.jsonl/.parquet file, or a Hub dataset name[:config]")
     cal.add_argument("--dataset-config", default=None, help="Hub dataset configuration")
@@ -127,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
         activations=args.activations, targets=args.targets, ignore=args.ignore,
         group_size_fallback=args.group_size_fallback, dataset=args.dataset, dataset_config=args.dataset_config,
         text_field=args.text_field, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-        smoothquant=args.smoothquant,
+        smoothquant=args.smoothquant, gptq=args.gptq, gptq_block_size=args.gptq_block_size,
+        gptq_dampening=args.gptq_dampening, act_order=args.act_order, awq=args.awq, target_bits=args.target_bits,
+        max_ppl_increase=args.max_ppl_increase, resume=args.resume,
         overwrite=args.overwrite, verify=args.verify, verify_tokens=args.verify_tokens,
         push_to_hub=args.push_to_hub, private=args.private, progress=not args.quiet, **model_kwargs(args))
     report = result.report

@@ -78,13 +78,15 @@ def plan_layers(recipe: Recipe, layers: list[tuple[str, nn.Linear]]) -> list[Lay
 
 
 def config_groups(recipe: Recipe, plans: list[LayerPlan]) -> list[tuple[QuantScheme, list[str]]]:
-    """compressed-tensors config groups: the recipe's scheme on its targets, fallback layers by name
-    (an exact name outranks a class or regex target in every reader)."""
+    """compressed-tensors config groups: the recipe's scheme on its targets, then one group per other
+    scheme (fallback or mixed-precision layers) listing its layers by name (an exact name outranks a
+    class or regex target in every reader)."""
     groups: list[tuple[QuantScheme, list[str]]] = [(recipe.scheme, list(recipe.targets))]
-    others = [p for p in plans if p.scheme is not None and p.scheme != recipe.scheme]
-    if others:
-        groups.append((others[0].scheme, [p.name for p in others]))
-    return groups
+    others: dict[QuantScheme, list[str]] = {}
+    for p in plans:
+        if p.scheme is not None and p.scheme != recipe.scheme:
+            others.setdefault(p.scheme, []).append(p.name)
+    return groups + list(others.items())
 
 
 def unquantized_linear_names(model: nn.Module, plans: list[LayerPlan]) -> list[str]:

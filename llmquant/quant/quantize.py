@@ -6,6 +6,7 @@ argument names.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from llmquant.quant.calibration import observe_activations
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.plan import LayerPlan, auto_group_size, config_groups, plan_layers, unquantized_linear_names
 from llmquant.quant.primitives import sqnr_db
-from llmquant.quant.recipe import CalibrationConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
+from llmquant.quant.recipe import CalibrationConfig, AWQConfig, GPTQConfig, MixedPrecisionConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
 from llmquant.quant.report import LayerReport, QuantReport
 from llmquant.quant.smoothquant import smooth_model
 from llmquant.quant.targets import linear_layers, set_submodule
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from llmquant.hub.push import PushResult
 
 DEFAULT_SCHEME = "W4A16"
+SEQUENTIAL_BATCH = 4  # calibration samples per forward call in layer-by-layer runs
 REPORT_PASS_SAMPLES = 8  # dynamic schemes need no calibration; a few samples feed the report
 VERIFY_WINDOW = 512
 
@@ -58,7 +60,10 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
                  group_size_fallback: str | None = None, dataset: str | None = None,
                  dataset_config: str | None = None, text_field: str | None = None,
                  num_samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
-                 smoothquant: float | str | bool | None = None) -> Recipe:
+                 smoothquant: float | str | bool | None = None, gptq: bool | None = None,
+                 gptq_block_size: int | None = None, gptq_dampening: float | None = None,
+                 act_order: bool | None = None, awq: bool | None = None, target_bits: float | None = None,
+                 max_ppl_increase: float | None = None) -> Recipe:
     """A recipe from a file / object or a preset name, with explicit arguments layered on top."""
     if recipe is not None and scheme is not None:
         raise InvalidConfigError("Pass either a recipe or a scheme, not both (a recipe names its scheme).")
@@ -107,7 +112,32 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
                                targets=tuple(targets) if targets else None,
                                ignore=tuple(ignore) if ignore is not None else None,
                                group_size_fallback=group_size_fallback, calibration=calibration,
-                               smoothquant=_smoothquant_override(smoothquant))
+                               smoothquant=_smoothquant_override(smoothquant),
+                               gptq=_gptq_override(base.gptq, gptq, gptq_block_size, gptq_dampening, act_order),
+                               awq=None if awq is None else (base.awq or AWQConfig()) if awq else False,
+                               mixed_precision=_mixed_override(base.mixed_precision, target_bits, max_ppl_increase))
+
+
+def _mixed_override(current: MixedPrecisionConfig | None, target_bits: float | None,
+                    max_ppl_increase: float | None) -> MixedPrecisionConfig | None:
+    if target_bits is None and max_ppl_increase is None:
+        return None
+    keep = {k: v for k, v in dataclasses.asdict(current).items() if k in ("high", "samples")} if current else {}
+    return MixedPrecisionConfig(target_bits=target_bits, max_ppl_increase=max_ppl_increase, **keep)
+
+
+def _gptq_override(current: GPTQConfig | None, gptq: bool | None, block_size: int | None,
+                   dampening: float | None, act_order: bool | None):
+    """None: the recipe's choice; False: off; True or any GPTQ option: on, with those options."""
+    options = {k: v for k, v in dict(block_size=block_size, dampening=dampening, act_order=act_order).items()
+               if v is not None}
+    if gptq is False:
+        if options:
+            raise InvalidConfigError("GPTQ options were given with GPTQ turned off.")
+        return False
+    if gptq is None and not options:
+        return None
+    return GPTQConfig(**{**dataclasses.asdict(current or GPTQConfig()), **options})
 
 
 def _smoothquant_override(smoothquant: float | str | bool | None):
@@ -127,7 +157,10 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
              group_size_fallback: str | None = None, dataset: str | None = None,
              dataset_config: str | None = None, text_field: str | None = None, num_samples: int | None = None,
              seq_len: int | None = None, seed: int | None = None,
-             smoothquant: float | str | bool | None = None,
+             smoothquant: float | str | bool | None = None, gptq: bool | None = None,
+             gptq_block_size: int | None = None, gptq_dampening: float | None = None,
+             act_order: bool | None = None, awq: bool | None = None, target_bits: float | None = None,
+             max_ppl_increase: float | None = None, resume: bool = False,
              revision: str | None = None,
              dtype: str = "auto", device: str | None = None, allow_pickle: bool = False,
              trust_remote_code: bool = False, overwrite: bool = False, verify: bool = True,
@@ -151,7 +184,9 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                        activation_percentile=activation_percentile, activations=activations, targets=targets,
                        ignore=ignore, group_size_fallback=group_size_fallback, dataset=dataset,
                        dataset_config=dataset_config, text_field=text_field, num_samples=num_samples,
-                       seq_len=seq_len, seed=seed, smoothquant=smoothquant)
+                       seq_len=seq_len, seed=seed, smoothquant=smoothquant, gptq=gptq,
+                       gptq_block_size=gptq_block_size, gptq_dampening=gptq_dampening, act_order=act_order,
+                       awq=awq, target_bits=target_bits, max_ppl_increase=max_ppl_increase)
     if output is not None:
         check_output_dir(output, overwrite)  # before minutes of work, not after
     if push_to_hub is not None:
@@ -160,6 +195,9 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
         if output is None:
             raise InvalidConfigError("push_to_hub needs an output folder: the checkpoint is saved, then pushed.")
         check_push_target(push_to_hub)  # a bad repo id or a missing token fails now, not after the work
+    if resume and (output is None or rec.gptq is None):
+        raise InvalidConfigError("--resume continues an interrupted layer-by-layer (GPTQ) run: it needs --gptq "
+                                 "(or a recipe with gptq) and --output.")
 
     t = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(
@@ -179,6 +217,7 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
         if message and progress:
             print(message, file=sys.stderr)
     plans = plan_layers(rec, layers)
+    mixed = _choose_mixed_precision(net, tokenizer, rec, plans, progress) if rec.mixed_precision else None
     _say(progress, f"quantizing {loaded.source.describe()} with {rec.name}: {rec.scheme.describe()}")
 
     windows = _verify_windows(tokenizer, rec, verify_tokens) if verify else None
@@ -194,16 +233,37 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
         for name, why in smoothing.skipped.items():
             _say(progress, f"  SmoothQuant skipped {name}: {why}")
         _round_to_storage(net, set(smoothing.applied) - {p.name for p in plans if p.scheme}, loaded.source_dtype)
-    stats, cal_description = _calibrate(net, rec, plans, batches, progress)
+    if rec.awq is not None:
+        from llmquant.quant.awq import awq_model
+
+        _say(progress, f"AWQ scale search on {batches.shape[0]} x {batches.shape[1]} tokens")
+        smoothing = awq_model(net, batches, rec.scheme.weights, grid=rec.awq.grid,
+                              only={p.name for p in plans if p.scheme}, progress=progress)
+        for name, why in smoothing.skipped.items():
+            _say(progress, f"  AWQ skipped {name}: {why}")
+        _round_to_storage(net, set(smoothing.applied) - {p.name for p in plans if p.scheme}, loaded.source_dtype)
+    gptq_reports: dict[str, LayerReport] = {}
+    if rec.gptq is not None:
+        gptq_reports, gptq_stats, cal_description = _run_gptq(net, rec, plans, batches, loaded, output, resume,
+                                                              progress)
+        rest = [p for p in plans if p.name not in gptq_reports]
+        stats, _ = _calibrate(net, rec, rest, batches, progress)
+        stats.update(gptq_stats)
+    else:
+        stats, cal_description = _calibrate(net, rec, plans, batches, progress)
     timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()
     report = QuantReport(source=_source_info(loaded), recipe=rec.to_dict(), calibration=cal_description,
-                         environment=_environment(), smoothquant=smoothing.to_dict() if smoothing else None)
+                         environment=_environment(), smoothquant=smoothing.to_dict() if smoothing else None,
+                         mixed_precision=mixed)
     scale_dtype_pack = loaded.source_dtype
     for plan in tqdm(plans, desc="quantizing layers", unit="layer", disable=not progress, leave=False):
         if plan.scheme is None:
             report.kept_full_precision[plan.name] = plan.note or "excluded"
+            continue
+        if plan.name in gptq_reports:
+            report.layers.append(gptq_reports[plan.name])
             continue
         report.layers.append(_quantize_layer(net, plan, stats.get(plan.name), scale_dtype_pack))
         plan.module = None  # the float layer is no longer referenced by the model; let it go
@@ -220,6 +280,10 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
         report.verification = verification.to_dict()
     timings["total"] = time.perf_counter() - t_start
     report.timings_s = timings
+    if output is not None and rec.gptq is not None:
+        from llmquant.quant.resume import discard, resume_dir
+
+        discard(resume_dir(output))  # the checkpoint is complete: nothing left to resume
     out_path = Path(output).expanduser().absolute() if output is not None else None
     pushed = None
     if push_to_hub is not None:
@@ -294,14 +358,83 @@ def _calibration_batches(tokenizer, rec: Recipe, plans: list[LayerPlan]) -> torc
     them, the activation report of dynamic schemes the first few. Weight-only: None."""
     from llmquant.data import calibration_batches
 
-    if not any(p.scheme is not None and p.scheme.input_activations for p in plans):
+    if rec.gptq is None and rec.awq is None and not any(p.scheme is not None and p.scheme.input_activations for p in plans):
         return None
     cal = rec.calibration
-    needs_all = rec.smoothquant is not None or any(p.scheme is not None and p.scheme.has_static_activations
+    needs_all = rec.smoothquant is not None or rec.gptq is not None or rec.awq is not None or any(p.scheme is not None and p.scheme.has_static_activations
                                                     for p in plans)
     samples = cal.num_samples if needs_all else min(cal.num_samples, REPORT_PASS_SAMPLES)
     return calibration_batches(tokenizer, cal.dataset, num_samples=samples, seq_len=cal.seq_len, seed=cal.seed,
                                text_field=cal.text_field, config_name=cal.config_name)
+
+
+def _choose_mixed_precision(net, tokenizer, rec: Recipe, plans: list[LayerPlan], progress: bool) -> dict:
+    """Measure each layer's sensitivity and give the sensitive ones the high scheme (mixed.py)."""
+    from llmquant.data import calibration_batches
+    from llmquant.quant.mixed import choose_schemes, layer_sensitivities
+    from llmquant.quant.presets import preset
+
+    mp, cal = rec.mixed_precision, rec.calibration
+    high = preset(mp.high)
+    windows = calibration_batches(tokenizer, cal.dataset, num_samples=mp.samples, seq_len=cal.seq_len,
+                                  seed=cal.seed, text_field=cal.text_field, config_name=cal.config_name)
+    _say(progress, f"measuring the sensitivity of {len(plans)} layers to {rec.scheme.describe()} on "
+                   f"{windows.shape[0]} x {windows.shape[1]} calibration tokens")
+    sensitivity = layer_sensitivities(net, plans, rec.scheme, windows, progress)
+    choice = choose_schemes(plans, sensitivity, rec.scheme, high, target_bits=mp.target_bits,
+                            max_ppl_increase=mp.max_ppl_increase)
+    for plan in plans:
+        if plan.name in choice.schemes:
+            plan.scheme = choice.schemes[plan.name]
+            if plan.scheme == high:
+                plan.note = f"mixed precision: {mp.high} (sensitivity KL {sensitivity[plan.name]:.5f})"
+    _say(progress, choice.describe())
+    return {"target_bits": mp.target_bits, "max_ppl_increase": mp.max_ppl_increase, "high": mp.high,
+            "average_bits": choice.average_bits, "estimated_ppl_increase_pct": choice.estimated_ppl_increase_pct,
+            "high_layers": sorted(n for n, s in choice.schemes.items() if s == high),
+            "sensitivity": sensitivity}
+
+
+def _run_gptq(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor, loaded, output, resume: bool,
+              progress: bool):
+    """GPTQ, decoder layer by decoder layer, on the calibration batches (gptq_model.py), after a
+    memory/time plan; with an output folder, a resume point is saved after every layer."""
+    from llmquant.quant import resume as resume_points
+    from llmquant.quant.gptq_model import GPTQHandler, scale_dtype_for
+    from llmquant.quant.memory_plan import check_plan, plan_sequential
+    from llmquant.quant.sequential import capture_first_inputs, find_decoder_layers, run_sequential
+
+    cal, g = rec.calibration, rec.gptq
+    description = (f"{batches.shape[0]} x {cal.seq_len} tokens from {cal.dataset} (calibration split, seed "
+                   f"{cal.seed}) for GPTQ (block {g.block_size}, dampening {g.dampening}, act_order {g.act_order})")
+    quantized = {p.name for p in plans if p.scheme is not None}
+    plan = plan_sequential(net, batches.shape[0], batches.shape[1], SEQUENTIAL_BATCH, quantized)
+    _say(progress, plan.describe())
+    check_plan(plan)
+    _say(progress, f"calibrating on {description}")
+    handler = GPTQHandler(net, plans, g, loaded.source_dtype)
+    _, layers = find_decoder_layers(net)
+    device = next(net.parameters()).device
+    inputs = capture_first_inputs(net, layers[0], batches, SEQUENTIAL_BATCH, device)
+    start, writer = 0, None
+    if output is not None:
+        folder = resume_points.resume_dir(output)
+        key = resume_points.resume_key(rec.to_dict(), loaded.source.describe(), batches)
+        state = resume_points.load_resume_point(folder, key) if resume else None
+        if state is not None:
+            start, reports = resume_points.restore(net, folder, state, {p.name: p for p in plans},
+                                                   lambda s: scale_dtype_for(s, loaded.source_dtype), inputs)
+            handler.reports.update(reports)
+            _say(progress, f"resuming at layer {start} of {len(layers)} from {folder}")
+        else:
+            if resume:
+                _say(progress, f"no resume point in {folder}; starting from the first layer")
+            resume_points.discard(folder)
+        writer = resume_points.ResumeWriter(folder, key, handler.reports)
+    run_sequential(net, batches, handler, batch_size=SEQUENTIAL_BATCH, progress=progress, start_layer=start,
+                   inputs=inputs, on_layer_done=writer)
+    return handler.reports, handler.stats, {"description": description, "num_samples": batches.shape[0],
+                                            "seq_len": cal.seq_len, "dataset": cal.dataset, "seed": cal.seed}
 
 
 def _calibrate(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor | None, progress: bool):

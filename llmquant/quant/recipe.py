@@ -8,6 +8,16 @@
       group_size_fallback: error   # error | channel | skip
     smoothquant:               # activation schemes; absent: the scheme's default (W8A8: auto),
       alpha: auto              # null: off; alpha: a number in [0, 1] or auto
+    awq:                       # weight-only schemes: activation-aware per-channel scales, before gptq
+      grid: 20                 # alphas searched: 0, 1/grid, ..., 1
+    mixed_precision:           # weight-only schemes: per-layer choice between the scheme and `high`
+      target_bits: 5.0         # average bits per weight (scales included), or max_ppl_increase: 10
+      high: W8A16
+      samples: 2               # calibration windows for the per-layer sensitivity
+    gptq:                      # absent/null: plain rounding; runs after smoothquant when both are set
+      block_size: 128
+      dampening: 0.01
+      act_order: false
     calibration:
       dataset: builtin
       num_samples: 128
@@ -78,6 +88,80 @@ class SmoothQuantConfig:
 
 
 @dataclass(frozen=True)
+class GPTQConfig:
+    # Columns whose error feedback is applied one by one before one matrix product updates the
+    # rest (speed only: any block size gives the same result up to float rounding).
+    block_size: int = 128
+    # Fraction of the Hessian's mean diagonal added to it, so that it can be inverted.
+    dampening: float = 0.01
+    # Round the most active input columns first (the permutation is undone before saving).
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise InvalidConfigError(f"gptq.block_size must be a positive integer, got {self.block_size!r}.")
+        if (isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float))
+                or not 0.0 < self.dampening <= 1.0):
+            raise InvalidConfigError(f"gptq.dampening must be a number in (0, 1], got {self.dampening!r}.")
+        if not isinstance(self.act_order, bool):
+            raise InvalidConfigError(f"gptq.act_order must be true or false, got {self.act_order!r}.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTQConfig":
+        if not isinstance(data, dict):
+            raise InvalidConfigError("gptq must be a mapping such as {block_size: 128, dampening: 0.01}.")
+        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "gptq")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    # Migration exponents searched per mapping: 0, 1/grid, ..., 1 (0 means no scaling).
+    grid: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 100:
+            raise InvalidConfigError(f"awq.grid must be an integer from 1 to 100, got {self.grid!r}.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AWQConfig":
+        if not isinstance(data, dict):
+            raise InvalidConfigError("awq must be a mapping such as {grid: 20}.")
+        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "awq")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    # Exactly one goal: an average number of bits per weight (scales included), or an estimated
+    # perplexity increase in percent.
+    target_bits: float | None = None
+    max_ppl_increase: float | None = None
+    high: str = "W8A16"  # the scheme sensitive layers move to
+    samples: int = 2  # calibration windows the sensitivities are measured on
+
+    def __post_init__(self) -> None:
+        if (self.target_bits is None) == (self.max_ppl_increase is None):
+            raise InvalidConfigError("mixed_precision needs exactly one of target_bits or max_ppl_increase.")
+        if self.target_bits is not None and not 2.0 <= float(self.target_bits) <= 16.0:
+            raise InvalidConfigError(f"mixed_precision.target_bits must be between 2 and 16, got {self.target_bits}.")
+        if self.max_ppl_increase is not None and float(self.max_ppl_increase) <= 0:
+            raise InvalidConfigError("mixed_precision.max_ppl_increase is a percentage above 0.")
+        scheme = preset(self.high)
+        if scheme.input_activations is not None:
+            raise InvalidConfigError(f"mixed_precision.high must be a weight-only scheme, got {self.high}.")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise InvalidConfigError("mixed_precision.samples must be a positive integer.")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MixedPrecisionConfig":
+        if not isinstance(data, dict):
+            raise InvalidConfigError("mixed_precision must be a mapping such as {target_bits: 5}.")
+        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "mixed_precision")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class Recipe:
     scheme: QuantScheme
     scheme_name: str | None = None  # the preset it started from, for reports and model cards
@@ -86,8 +170,19 @@ class Recipe:
     group_size_fallback: str = "error"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     smoothquant: SmoothQuantConfig | None = None
+    gptq: GPTQConfig | None = None
+    awq: AWQConfig | None = None
+    mixed_precision: MixedPrecisionConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is not None and (self.scheme.input_activations is not None
+                                                 or self.scheme.weights.type != "int"):
+            raise InvalidConfigError("Mixed precision chooses between weight-only integer schemes "
+                                     "(e.g. W4A16 and W8A16); use it with W4A16 or W4A16_ASYM.")
+        if self.awq is not None and self.scheme.input_activations is not None:
+            raise InvalidConfigError(
+                "AWQ scaling is for weight-only schemes (W4A16, W8A16); schemes that quantize activations "
+                "use SmoothQuant instead.")
         if self.smoothquant is not None and self.scheme.input_activations is None:
             raise InvalidConfigError(
                 "SmoothQuant moves activation outliers into the weights: it helps schemes that quantize "
@@ -117,6 +212,9 @@ class Recipe:
                 "group_size_fallback": self.group_size_fallback,
             },
             "smoothquant": dataclasses.asdict(self.smoothquant) if self.smoothquant else None,
+            "awq": dataclasses.asdict(self.awq) if self.awq else None,
+            "mixed_precision": dataclasses.asdict(self.mixed_precision) if self.mixed_precision else None,
+            "gptq": dataclasses.asdict(self.gptq) if self.gptq else None,
             "calibration": dataclasses.asdict(self.calibration),
         }
 
@@ -124,7 +222,7 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
         if not isinstance(data, dict):
             raise InvalidConfigError("A recipe must be a mapping with 'quantize' (and optionally 'calibration').")
-        reject_unknown_keys(data, {"quantize", "smoothquant", "calibration"}, "the recipe")
+        reject_unknown_keys(data, {"quantize", "smoothquant", "awq", "mixed_precision", "gptq", "calibration"}, "the recipe")
         q = dict(data.get("quantize") or {})
         reject_unknown_keys(q, {"scheme", "weights", "input_activations", "targets", "ignore",
                                 "group_size_fallback"}, "quantize")
@@ -148,9 +246,14 @@ class Recipe:
             smoothquant = SmoothQuantConfig.from_dict(sq) if sq is not None else None
         else:
             smoothquant = default_smoothquant(name, acts)
+        gptq = GPTQConfig.from_dict(data["gptq"]) if data.get("gptq") is not None else None
+        awq = AWQConfig.from_dict(data["awq"]) if data.get("awq") is not None else None
+        mp = data.get("mixed_precision")
+        mixed = MixedPrecisionConfig.from_dict(mp) if mp is not None else None
         return cls(scheme=QuantScheme(weights=weights, input_activations=acts),
                    scheme_name=name.upper() if name else None, calibration=calibration,
-                   smoothquant=smoothquant, **kwargs)
+                   smoothquant=smoothquant, gptq=gptq, awq=awq,
+                   mixed_precision=mixed, **kwargs)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -182,8 +285,9 @@ class Recipe:
         if input_activations and a is not None:
             a = _merge_args(a, input_activations, "input_activations")
         changes = {k: v for k, v in fields.items() if v is not None}
-        if changes.get("smoothquant") is False:
-            changes["smoothquant"] = None
+        for optional in ("smoothquant", "gptq", "awq", "mixed_precision"):
+            if changes.get(optional) is False:
+                changes[optional] = None
         return dataclasses.replace(self, scheme=QuantScheme(weights=w, input_activations=a), **changes)
 
 

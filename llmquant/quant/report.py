@@ -28,6 +28,7 @@ class LayerReport:
     activation_clip_pct: float | None = None
     activation_absmax: float | None = None
     activation_threshold: float | None = None
+    output_sqnr_db: float | None = None  # GPTQ: layer outputs on the calibration inputs
     note: str | None = None
 
     @property
@@ -44,6 +45,7 @@ class QuantReport:
     kept_full_precision: dict[str, str] = field(default_factory=dict)  # name -> reason
     calibration: dict | None = None
     smoothquant: dict | None = None
+    mixed_precision: dict | None = None
     verification: dict | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
@@ -67,6 +69,9 @@ class QuantReport:
             out.update(weight_sqnr_db_mean=sum(w) / len(w), weight_sqnr_db_min=min(w))
         if a:
             out.update(activation_sqnr_db_mean=sum(a) / len(a), activation_sqnr_db_min=min(a))
+        o = [r.output_sqnr_db for r in self.layers if r.output_sqnr_db is not None and math.isfinite(r.output_sqnr_db)]
+        if o:
+            out.update(output_sqnr_db_mean=sum(o) / len(o), output_sqnr_db_min=min(o))
         return out
 
     # ---- human output ------------------------------------------------------------------------
@@ -76,6 +81,9 @@ class QuantReport:
                  + (f", kept {s['full_precision_layers']} in full precision" if s["full_precision_layers"] else "")]
         if "weight_sqnr_db_mean" in s:
             lines.append(f"weight SQNR: mean {s['weight_sqnr_db_mean']:.1f} dB, worst {s['weight_sqnr_db_min']:.1f} dB")
+        if "output_sqnr_db_mean" in s:
+            lines.append(f"layer output SQNR on calibration inputs: mean {s['output_sqnr_db_mean']:.1f} dB, "
+                         f"worst {s['output_sqnr_db_min']:.1f} dB")
         if "activation_sqnr_db_mean" in s:
             lines.append(f"activation SQNR: mean {s['activation_sqnr_db_mean']:.1f} dB, "
                          f"worst {s['activation_sqnr_db_min']:.1f} dB")

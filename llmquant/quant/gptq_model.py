@@ -1,0 +1,148 @@
+"""GPTQ over a whole model: hooks that feed `gptq.py`'s pure functions, one decoder layer at a time.
+
+While a decoder layer runs on the calibration batches, a pre-hook on each of its planned
+Linear layers folds the layer's input into a running Hessian (and, for activation schemes,
+into the activation statistics the report and static scales need). Layers that read the very
+same input tensor (q/k/v after one norm, gate/up after another) share one Hessian, and when
+they also share a scheme their weights are stacked and quantized in one GPTQ call: rows are
+independent in GPTQ, so this is the same result, computed once. Targeted layers outside the
+decoder stack (none by default) are rounded plainly, as without GPTQ.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from llmquant.quant.args import QuantScheme
+from llmquant.quant.calibration import ActivationStats
+from llmquant.quant.gptq import accumulate_hessian, gptq_quantize_weight
+from llmquant.quant.linear import QuantizedLinear
+from llmquant.quant.observers import ActivationHistogram, DynamicActivationError
+from llmquant.quant.plan import LayerPlan
+from llmquant.quant.primitives import sqnr_db
+from llmquant.quant.recipe import GPTQConfig
+from llmquant.quant.report import LayerReport
+from llmquant.quant.targets import set_submodule
+
+
+class _Hessian:
+    def __init__(self) -> None:
+        self.h: Tensor | None = None
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        self.h, self.n = accumulate_hessian(self.h, self.n, x)
+
+
+def scale_dtype_for(scheme: QuantScheme, storage_dtype: torch.dtype) -> torch.dtype:
+    # Weight-only INT scales are read by vLLM in the activation dtype; others are float32.
+    return storage_dtype if scheme.format == "pack-quantized" else torch.float32
+
+
+class GPTQHandler:
+    """The `LayerHandler` of `run_sequential` for GPTQ (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, plans: list[LayerPlan], config: GPTQConfig, storage_dtype: torch.dtype):
+        self.model, self.config, self.storage_dtype = model, config, storage_dtype
+        self.plans = {p.name: p for p in plans if p.scheme is not None}
+        self.reports: dict[str, LayerReport] = {}
+        self.stats: dict[str, ActivationStats] = {}
+        self._hessians: dict[str, _Hessian] = {}  # this decoder layer's, by Linear name
+        self._owners: dict[str, str] = {}  # Linear name -> the name whose Hessian it shares
+
+    # ---- observation -------------------------------------------------------------------------
+    def attach(self, index: int, prefix: str, layer: nn.Module) -> list:
+        handles = []
+        last: dict = {"x": None, "owner": None}  # the input the previous hook saw, and its Hessian
+        self._hessians, self._owners = {}, {}
+        for name, plan in self.plans.items():
+            if not name.startswith(prefix + "."):
+                continue
+            act = plan.scheme.input_activations
+            if act is not None:
+                self.stats[name] = DynamicActivationError(act) if act.dynamic else ActivationHistogram(act)
+            module = layer.get_submodule(name[len(prefix) + 1:])
+            handles.append(module.register_forward_pre_hook(self._hook(name, last)))
+        return handles
+
+    def _hook(self, name: str, last: dict):
+        def observe(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if name not in self._hessians:
+                # First batch: a layer handed the same tensor as the previous hook shares its Hessian.
+                shared = last["x"] is x and last["owner"] is not None
+                self._hessians[name] = self._hessians[last["owner"]] if shared else _Hessian()
+                self._owners[name] = last["owner"] if shared else name
+            if self._owners[name] == name:
+                self._hessians[name].add(x)
+            if name in self.stats:
+                self.stats[name].update(x)
+            last["x"], last["owner"] = x, self._owners[name]
+
+        return observe
+
+    # ---- quantization ------------------------------------------------------------------------
+    def finish(self, index: int, prefix: str, layer: nn.Module) -> None:
+        groups: dict[tuple[str, QuantScheme], list[str]] = {}
+        for name in self._hessians:
+            groups.setdefault((self._owners[name], self.plans[name].scheme), []).append(name)
+        for (owner, scheme), names in groups.items():
+            self._quantize_group(names, self._hessians[owner].h, scheme)
+        self._hessians, self._owners = {}, {}
+
+    def _quantize_group(self, names: list[str], hessian: Tensor, scheme: QuantScheme) -> None:
+        modules = [self.plans[n].module for n in names]
+        weight = torch.cat([m.weight.detach() for m in modules], dim=0)  # (sum of out, in)
+        scale_dtype = scale_dtype_for(scheme, self.storage_dtype)
+        cfg = self.config
+        result = gptq_quantize_weight(weight, hessian, scheme.weights, block_size=cfg.block_size,
+                                      dampening=cfg.dampening, act_order=cfg.act_order, scale_dtype=scale_dtype)
+        row = 0
+        for name, module in zip(names, modules):
+            rows = slice(row, row + module.out_features)
+            row += module.out_features
+            per_tensor = scheme.weights.strategy == "tensor"
+            scale = result.scale if per_tensor else result.scale[rows]
+            zp = None if result.zero_point is None else (result.zero_point if per_tensor else result.zero_point[rows])
+            self._install(name, module, scheme, result.q[rows], scale, zp, result.dequantized[rows], hessian,
+                          scale_dtype)
+
+    def _install(self, name: str, module: nn.Linear, scheme: QuantScheme, q: Tensor, scale: Tensor,
+                 zero_point: Tensor | None, dequantized: Tensor, hessian: Tensor, scale_dtype: torch.dtype) -> None:
+        w = module.weight.detach()
+        qlayer = QuantizedLinear(module.in_features, module.out_features, scheme, bias=module.bias is not None,
+                                 scale_dtype=scale_dtype, dtype=w.dtype, device=w.device)
+        qlayer.set_quantized(q, scale, zero_point)
+        if module.bias is not None:
+            qlayer.bias.data.copy_(module.bias.detach())
+        stat = self.stats.get(name)
+        if scheme.has_static_activations:
+            qlayer.input_scale.fill_(stat.scale())
+        plan = self.plans[name]
+        entry = LayerReport(name=name, out_features=module.out_features, in_features=module.in_features,
+                            scheme=scheme.describe() + " (GPTQ)",
+                            weight_sqnr_db=sqnr_db(w, dequantized), note=plan.note)
+        entry.output_sqnr_db = output_sqnr_db(w.float(), dequantized, hessian)
+        if stat is not None:
+            entry.activation_sqnr_db = stat.sqnr_db()
+            if scheme.has_static_activations:
+                entry.activation_clip_pct = 100.0 * stat.clip_fraction()
+                entry.activation_absmax = stat.absmax
+                entry.activation_threshold = stat.threshold()
+        self.reports[name] = entry
+        set_submodule(self.model, name, qlayer)
+        plan.module = None  # the float layer is no longer referenced by the model
+
+
+def output_sqnr_db(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
+    """SQNR of the layer's outputs on the calibration inputs: tr(W H W^T) / tr(dW H dW^T)."""
+    import math
+
+    d = (weight - approx).double()
+    h = hessian.double()
+    noise = float((d @ h * d).sum())
+    signal = float((weight.double() @ h * weight.double()).sum())
+    if noise <= 0:
+        return float("inf")
+    return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")

@@ -1,0 +1,143 @@
+"""Before layer-by-layer calibration starts: how much memory and time it will take, and whether it fits.
+
+Peak memory beyond the model itself is what sequential calibration holds at once:
+- one decoder layer's inputs for every calibration sample: samples x length x width values;
+- the Hessians of one decoder layer's Linear layers (in x in float32 each; an upper bound, as
+  layers reading the same input share one);
+- the activations of one batch inside one layer (attention scores and the MLP's wide part),
+  and GPTQ's working copies of the largest stacked weight.
+A plan that does not fit in the memory available now is refused, naming the number of samples
+(or the sequence length) that would fit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmquant.errors import InvalidConfigError
+from llmquant.quant.sequential import find_decoder_layers
+
+HEADROOM = 0.85  # of the memory available now; the rest is left to the allocator and the OS
+_GIB = 1024 ** 3
+
+
+@dataclass
+class SequentialPlan:
+    samples: int
+    seq_len: int
+    batch_size: int
+    width: int
+    layers: int
+    device: str
+    inputs_bytes: int
+    hessian_bytes: int
+    working_bytes: int
+    model_bytes: int
+    available_bytes: int | None
+    seconds_estimate: float
+
+    @property
+    def extra_bytes(self) -> int:
+        """Peak beyond the model already in memory."""
+        return self.inputs_bytes + self.hessian_bytes + self.working_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.extra_bytes <= HEADROOM * self.available_bytes
+
+    def describe(self) -> str:
+        where = "GPU" if self.device.startswith("cuda") else "host RAM"
+        avail = f"{self.available_bytes / _GIB:.2f} GiB available" if self.available_bytes is not None else "available unknown"
+        return (f"plan: {self.layers} layers, {self.samples} x {self.seq_len} tokens (batches of {self.batch_size}) "
+                f"on {self.device}; peak {where} beyond the model ({self.model_bytes / _GIB:.2f} GiB): "
+                f"{self.extra_bytes / _GIB:.2f} GiB = layer inputs {self.inputs_bytes / _GIB:.2f} + Hessians "
+                f"{self.hessian_bytes / _GIB:.2f} + working {self.working_bytes / _GIB:.2f} ({avail}); "
+                f"time about {_minutes(self.seconds_estimate)}")
+
+    def max_samples(self) -> int:
+        """The most calibration samples that fit at this sequence length (0: none)."""
+        if self.available_bytes is None:
+            return self.samples
+        room = HEADROOM * self.available_bytes - self.hessian_bytes - self.working_bytes
+        per_sample = self.inputs_bytes / self.samples
+        return max(0, int(room // per_sample))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated: free GPU memory on CUDA, MemAvailable on Linux hosts."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a mid-sized matmul here and now (about 0.1 s), for the time estimate."""
+    a = torch.randn(512, 1024, device=device, dtype=dtype)
+    b = torch.randn(1024, 1024, device=device, dtype=dtype)
+    a @ b
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < 0.1:
+        a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * 512 * 1024 * 1024 * n / (time.perf_counter() - t)
+
+
+def plan_sequential(model: nn.Module, samples: int, seq_len: int, batch_size: int,
+                    quantized_names: set[str]) -> SequentialPlan:
+    """The plan for calibrating `model` layer by layer; `quantized_names` get a Hessian each."""
+    prefix, layers = find_decoder_layers(model)
+    param = next(model.parameters())
+    device, elem = param.device, param.element_size()
+    linears = [(f"{prefix}.0.{n}", m) for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
+    config = getattr(model, "config", None)
+    width = getattr(config, "hidden_size", None) or (linears[0][1].in_features if linears else 0)
+    widest = max((m.out_features for _, m in linears), default=width)
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    hessian = sum(4 * m.in_features ** 2 for n, m in linears if n in quantized_names)
+    linears = [m for _, m in linears]
+    inputs = samples * seq_len * width * elem
+    rows = batch_size * seq_len
+    working = rows * (4 * widest + 6 * width) * elem + batch_size * heads * seq_len * seq_len * elem
+    biggest = max((m.weight.numel() for m in linears), default=0)
+    working += 3 * 4 * biggest * 3  # stacked q/k/v-sized weight, float32, a few copies
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layer_params = sum(m.weight.numel() for m in linears)
+    tokens = samples * seq_len
+    # Two runs of each layer (observe, then propagate the quantized outputs), attention's
+    # L x L products, and the Hessian products; GPTQ's own loop is small next to them.
+    flops = len(layers) * (2 * 2 * tokens * layer_params + 2 * 2 * 2 * tokens * seq_len * width
+                           + 2 * tokens * sum(m.in_features ** 2 for m in linears))
+    seconds = flops / _matmul_rate(device, param.dtype)
+    return SequentialPlan(samples=samples, seq_len=seq_len, batch_size=batch_size, width=width, layers=len(layers),
+                          device=str(device), inputs_bytes=inputs, hessian_bytes=hessian, working_bytes=working,
+                          model_bytes=model_bytes, available_bytes=available_memory(device), seconds_estimate=seconds)
+
+
+def check_plan(plan: SequentialPlan) -> None:
+    """Refuse a plan that will not fit, naming the settings that would."""
+    if plan.fits:
+        return
+    fit = plan.max_samples()
+    if fit >= 1:
+        advice = f"use --num-samples {fit} or fewer (or a shorter --seq-len)"
+    else:
+        advice = "even one sample does not fit: use a shorter --seq-len, or calibrate on a machine with more memory"
+    raise InvalidConfigError(f"Calibration would not fit in memory. {plan.describe()}. To fit: {advice}.")

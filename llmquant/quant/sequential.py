@@ -1,0 +1,132 @@
+"""Sequential calibration: feed calibration text through a model one decoder layer at a time.
+
+The inputs of the first decoder layer are captured (the model runs only up to it), then for
+each layer k:
+  1. the layer runs over every calibration batch with observation hooks attached
+     (`handler.attach`: e.g. Hessian accumulation for GPTQ; statistics, never activations);
+  2. `handler.finish` quantizes the layer in place;
+  3. the *quantized* layer runs over the same batches, and its outputs replace its inputs as
+     the next layer's inputs, so each layer is calibrated on what the quantized model upstream
+     actually produces.
+Only one layer's inputs (samples x length x width) are held at a time, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from llmquant.errors import InvalidConfigError
+
+
+class LayerHandler(Protocol):
+    def attach(self, index: int, prefix: str, layer: nn.Module) -> list: ...  # hook handles
+
+    def finish(self, index: int, prefix: str, layer: nn.Module) -> None: ...
+
+
+@dataclass
+class LayerInputs:
+    """Positional and keyword arguments of one decoder layer's call, one entry per batch."""
+
+    calls: list[tuple[tuple, dict]]
+
+    def hidden_states(self) -> list[Tensor]:
+        return [args[0] for args, _ in self.calls]
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated decoder blocks: the one holding the most Linear layers."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            n = sum(isinstance(m, nn.Linear) for m in module.modules())
+            if n and (best is None or n > best[0]):
+                best = (n, name, module)
+    if best is None:
+        raise InvalidConfigError("No stack of decoder layers (a ModuleList of blocks) was found in this model; "
+                                 "sequential calibration needs one.")
+    return best[1], best[2]
+
+
+class _Captured(Exception):
+    pass
+
+
+def capture_first_inputs(model: nn.Module, first_layer: nn.Module, batches: Tensor, batch_size: int,
+                         device: torch.device) -> LayerInputs:
+    """Run the model up to its first decoder layer on each batch and keep that layer's arguments."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        calls.append((tuple(args), dict(kwargs)))
+        raise _Captured
+
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for chunk in batches.split(batch_size):
+                try:
+                    model(input_ids=chunk.to(device), use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return LayerInputs(calls)
+
+
+def _run_layer(layer: nn.Module, inputs: LayerInputs, keep_outputs: bool) -> None:
+    with torch.inference_mode():
+        for i, (args, kwargs) in enumerate(inputs.calls):
+            out = layer(*args, **kwargs)
+            if keep_outputs:
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                inputs.calls[i] = ((hidden,) + tuple(args[1:]), kwargs)
+
+
+def run_sequential(model: nn.Module, batches: Tensor, handler: LayerHandler, *, batch_size: int = 4,
+                   progress: bool = True, start_layer: int = 0, inputs: LayerInputs | None = None,
+                   on_layer_done: Callable[[int, str, nn.Module, LayerInputs], None] | None = None) -> None:
+    """Calibrate and quantize decoder layer by layer (see the module docstring).
+
+    `start_layer` with `inputs` (that layer's captured inputs) resumes an interrupted run;
+    `on_layer_done(k, prefix, layer, next_inputs)` is called after layer k (to save a resume point)."""
+    prefix, layers = find_decoder_layers(model)
+    device = next(model.parameters()).device
+    if inputs is None:
+        if start_layer:
+            raise ValueError("resuming from a later layer needs that layer's inputs")
+        inputs = capture_first_inputs(model, layers[0], batches, batch_size, device)
+    bar = tqdm(total=len(layers), initial=start_layer, desc="quantizing layer by layer", unit="layer",
+               disable=not progress)
+    t0, done = time.perf_counter(), 0
+    try:
+        for k in range(start_layer, len(layers)):
+            layer = layers[k]
+            handles = handler.attach(k, f"{prefix}.{k}", layer)
+            try:
+                _run_layer(layer, inputs, keep_outputs=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            handler.finish(k, f"{prefix}.{k}", layer)
+            _run_layer(layer, inputs, keep_outputs=k + 1 < len(layers))
+            done += 1
+            bar.update(1)
+            if on_layer_done is not None:
+                on_layer_done(k, f"{prefix}.{k}", layer, inputs)
+            if not progress:
+                continue
+            per_layer = (time.perf_counter() - t0) / done
+            bar.set_postfix_str(f"{per_layer:.1f} s/layer", refresh=False)
+    finally:
+        bar.close()
+    if progress:
+        elapsed = time.perf_counter() - t0
+        print(f"  {done} layers in {elapsed:.1f} s", file=sys.stderr)
