@@ -33,20 +33,23 @@ def free_port() -> int:
 class ServerProcess:
     """Start with `ServerProcess(source, "--dtype", "float32")`; use as a context manager."""
 
-    def __init__(self, model: str | os.PathLike | None, *args: str, startup_timeout: float = STARTUP_TIMEOUT_S):
+    def __init__(self, model: str | os.PathLike | None, *args: str, startup_timeout: float = STARTUP_TIMEOUT_S,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.root_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = self.root_url + "/v1"
         self.log = tempfile.TemporaryFile("w+", prefix="llmquant-serve-")
         command = [sys.executable, "-m", "llmquant", "serve", *([str(model)] if model is not None else []),
                    "--port", str(self.port), *args]
         # PYTHONPATH travels so a source checkout serves its own code.
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServerStartError(f"llmquant serve exited with {self.proc.returncode}: {self.output()[-2000:]}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
+                with urllib.request.urlopen(self.root_url + "/health", timeout=1) as r:
                     if r.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -76,3 +79,14 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the process that started it dies, so a crashed or
+    killed suite never leaves a server holding memory and cores."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -95,6 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train through this `llmquant quantize` scheme's grid (W4A16, W8A16, W8A8, ...) and save "
                    "the quantized checkpoint")
     q.add_argument("--qat-group-size", type=int, default=None, help="INT4 group size (default: one that fits)")
+    h = p.add_argument_group("publish")
+    h.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="then publish the output folder to this Hub repository with a model card "
+                   "(as `llmquant push`; token from HF_TOKEN or `hf auth login`)")
+    h.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -114,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         teacher_mode=args.teacher_mode, teacher_cache=args.teacher_cache, top_k=args.top_k,
         teacher_endpoint=args.teacher_endpoint, teacher_endpoint_model=args.teacher_endpoint_model,
         qat_scheme=args.qat_scheme, qat_group_size=args.qat_group_size, checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, **model_kwargs(args))
+        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, push_to_hub=args.push_to_hub,
+        private=args.private, **model_kwargs(args))
     last = result.history[-1] if result.history else {}
     print(f"\ntrained {len(result.history)} steps, {result.seconds_per_step:.2f} s/step; final loss "
           f"{last.get('loss', float('nan')):.4f}" + (f" (CE {last['ce']:.4f})" if "ce" in last else ""))
@@ -123,5 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if result.quantization:
         print(f"quantized {result.quantization['scheme']}")
     print(f"saved {result.output_dir} in {result.seconds:.1f} s (report: {result.output_dir}/distill_report.json)")
+    if result.push is not None:
+        print(f"pushed to {result.push.pr_url or result.push.commit_url}")
     sys.stdout.flush()
     return 0

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ class DistillResult:
     resumed_from: str | None = None
     quantization: dict | None = None   # QAT export: scheme and verification
     timings_s: dict = field(default_factory=dict)
+    push: Any = None                   # llmquant.hub.push.PushResult with push_to_hub
 
     def to_dict(self) -> dict:
         return {"output_dir": str(self.output_dir), "recipe": self.recipe.to_dict(), "student": self.student_plan,
@@ -94,7 +96,8 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
             qat_group_size: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
             resume: bool = False, overwrite: bool = False, revision: str | None = None, dtype: str = "auto",
             device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-            progress: bool = True, on_step=None) -> DistillResult:
+            progress: bool = True, on_step=None, push_to_hub: str | None = None,
+            private: bool = False) -> DistillResult:
     """Distill `teacher` (a source as for `load_model`, None for the demo model, or a `LoadedModel`)
     into a smaller student and save it to `output`.
 
@@ -106,7 +109,8 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
     reads the teacher's top-k log-probs from `teacher_cache` (built first when missing, from the
     teacher or from `teacher_endpoint`). `qat_scheme` trains quantization-aware and saves a
     compressed-tensors checkpoint. Resumable checkpoints go to `checkpoint_dir` (default
-    `<output>.checkpoints`); `resume=True` continues from the latest one.
+    `<output>.checkpoints`); `resume=True` continues from the latest one. `push_to_hub` then
+    publishes the saved folder with `llmquant.push` (relation: distillation).
     """
     from llmquant.loading import LoadedModel, load_model
 
@@ -124,6 +128,10 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
         raise InvalidConfigError("Say how to make the student: --student-layers N (keep the N most important "
                                  "layers), --keep-layers, --intermediate-size / --kv-heads, or --student-config FILE.")
     output = check_output_dir(output, overwrite)
+    if push_to_hub is not None:
+        from llmquant.hub.push import check_push_target
+
+        check_push_target(push_to_hub)  # a bad repo id or a missing token fails now, not after training
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else output.parent / f"{output.name}.checkpoints"
     if ckpt_dir.exists() and not resume and any(ckpt_dir.iterdir()):
         raise InvalidConfigError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
@@ -206,7 +214,21 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
                      files=files)
     timings["save"] = time.perf_counter() - t
     result.seconds = time.perf_counter() - t0
+    if push_to_hub is not None:
+        from llmquant.hub.card_facts import DEMO_BASE_MODEL
+        from llmquant.hub.push import push
+
+        _say(progress, f"pushing {output} to {push_to_hub}")
+        result.push = push(output, push_to_hub, private=private, relation="distillation",
+                           base_model=_hub_base_model(teacher) if teacher is not None else DEMO_BASE_MODEL)
     return result
+
+
+def _hub_base_model(teacher) -> str | None:
+    """The teacher's Hub id when it was given as one (not a local folder, file or loaded model)."""
+    if not isinstance(teacher, str) or Path(teacher).expanduser().exists() or teacher.count("/") != 1:
+        return None
+    return teacher.split("@", 1)[0]
 
 
 def _windows_read(windows: torch.Tensor, rec: DistillRecipe) -> torch.Tensor:
