@@ -10,7 +10,7 @@ Every request generates exactly OUTPUT_TOKENS tokens (ignore_eos), so tokens/s c
 with like. The client is a single asyncio loop (little CPU taken from the server).
 
     python benchmarks/serving.py                 # ~15 min on 2 CPU cores
-    python benchmarks/serving.py --models bf16   # one model
+    python benchmarks/serving.py --models bf16   # one model (the others' rows are kept)
 
 Writes benchmarks/results/serving.json and serving.md.
 """
@@ -35,6 +35,7 @@ PROMPT_TOKENS = 128
 OUTPUT_TOKENS = 64
 CONCURRENCY = (1, 8, 32)
 GENERATE_BATCHES = (1, 8, 32)
+ORDER = ("bf16", "W4A16", "W8A8")
 QUANTIZE = {"W4A16": dict(scheme="W4A16", group_size=64), "W8A8": dict(scheme="W8A8", num_samples=32, seq_len=256)}
 
 
@@ -153,8 +154,19 @@ def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
 
 
 def write(rows: list[dict], meta: dict) -> None:
+    """Write this run's rows; rows of models this run did not measure are kept from the file
+    (each row names the command and date that measured it)."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    path = RESULTS / "serving.json"
+    measured = {r["model"] for r in rows}
+    kept = []
+    if path.exists():
+        old = json.loads(path.read_text())
+        kept = [{"command": old["meta"]["command"], "date": old["meta"].get("date"), **r}
+                for r in old["rows"] if r["model"] not in measured]
+    rows = sorted(kept + [{"command": meta["command"], "date": meta["date"], **r} for r in rows],
+                  key=lambda r: ORDER.index(r["model"]) if r["model"] in ORDER else len(ORDER))
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Serving throughput on the demo model ({meta['device']})", "",
              f"Prompts of {PROMPT_TOKENS} tokens from the held-out corpus, {OUTPUT_TOKENS} output tokens each "
              "(ignore_eos), greedy. `llmquant serve` measured over HTTP with streaming clients; transformers "
@@ -165,13 +177,19 @@ def write(rows: list[dict], meta: dict) -> None:
         ttft = (f"{r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f}" if "ttft_p50_s" in r else " | ")
         lines.append(f"| {r['model']} | {r['engine']} | {r.get('concurrency', r.get('batch'))} | "
                      f"{r['output_tokens_per_s']:.1f} | {ttft} | {r['vs_generate_batch1']:.2f}x |")
-    lines += ["", f"torch {meta['torch']}, {meta['threads']} threads. Command: `{meta['command']}`", ""]
+    lines += ["", f"torch {meta['torch']}, {meta['threads']} threads."]
+    for command in dict.fromkeys(r["command"] for r in rows):
+        models = ", ".join(dict.fromkeys(r["model"] for r in rows if r["command"] == command))
+        dates = ", ".join(sorted({r["date"] for r in rows if r["command"] == command and r.get("date")}))
+        lines.append(f"- {models}: `{command}` ({dates})")
+    lines.append("")
     (RESULTS / "serving.md").write_text("\n".join(lines))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=["bf16", "W4A16", "W8A8"], choices=["bf16", "W4A16", "W8A8"])
+    parser.add_argument("--models", nargs="*", default=list(ORDER), choices=ORDER,
+                        help="models to measure (default: all); rows of the others stay as they are")
     args = parser.parse_args()
 
     from llmquant import load_model
