@@ -74,9 +74,9 @@ def load_tokenizer(source: Any = None, *, trust_remote_code: bool = False):
     resolved = resolve_source(source)
     if resolved.kind == "gguf":
         return load_model(resolved, dtype="float32", device="cpu").tokenizer
-    from llmquant.loading.load import _load_tokenizer
+    from llmquant.loading.load import load_tokenizer as load_folder_tokenizer
 
-    return _load_tokenizer(resolved.path, trust_remote_code)
+    return load_folder_tokenizer(resolved.path, trust_remote_code)
 
 
 def http_client(timeout: float):

@@ -125,11 +125,10 @@ def _load_bitsandbytes(spec: ModelSpec, model: SuiteModel) -> SuiteModel:
     except Exception as e:  # noqa: BLE001 - it probes its native backends at import and can fail there
         raise SkipModel(f"bitsandbytes cannot start here: {type(e).__name__}: {str(e).splitlines()[0][:200]}") \
             from None
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from llmquant.loading import LoadedModel, resolve_source
-    from llmquant.loading.load import _load_tokenizer
+    from llmquant.loading.load import load_tokenizer as load_folder_tokenizer
     from llmquant.runtime import resolve_device, resolve_dtype
 
     source = resolve_source(spec.load_source)
@@ -152,7 +151,7 @@ def _load_bitsandbytes(spec: ModelSpec, model: SuiteModel) -> SuiteModel:
             raise SkipModel(f"bitsandbytes {spec.bitsandbytes} cannot run on {device}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]}") from None
     model.load_seconds = time.perf_counter() - t
-    model.loaded = LoadedModel(model=lm.eval(), tokenizer=_load_tokenizer(source.path, False), source=source,
+    model.loaded = LoadedModel(model=lm.eval(), tokenizer=load_folder_tokenizer(source.path, False), source=source,
                                source_dtype=dtype, quantization_config=None)
     model.size_bytes, model.size_kind = int(lm.get_memory_footprint()), "memory footprint"
     _silence_int8_warnings()
