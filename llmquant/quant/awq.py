@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 from llmquant.quant.args import QuantArgs
 from llmquant.quant.observers import weight_qparams
 from llmquant.quant.primitives import fake_quantize, grouped_view
-from llmquant.quant.smoothquant import Mapping, SmoothingResult, apply_smoothing, find_mappings
+from llmquant.quant.smoothquant import (
+    Mapping,
+    SmoothingResult,
+    apply_smoothing,
+    feed_calibration,
+    find_mappings,
+)
 
 SAMPLE_ROWS = 512
 MIN_VALUE = 1e-4
@@ -77,15 +83,7 @@ def _collect(model: nn.Module, mappings: list[Mapping], batches: Tensor, batch_s
             rows = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0])).long()
             samples[key].append(x[rows].cpu())
         hooks.append(model.get_submodule(mp.balance[0]).register_forward_pre_hook(observe))
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for chunk in tqdm(batches.split(batch_size), desc="AWQ statistics", unit="batch",
-                              disable=not progress, leave=False):
-                model(input_ids=chunk.to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    feed_calibration(model, batches, hooks, batch_size=batch_size, desc="AWQ statistics", progress=progress)
     means = {k: sums[k] / counts[k] for k in sums}
     return means, {k: torch.cat(v)[:SAMPLE_ROWS] for k, v in samples.items() if v}
 

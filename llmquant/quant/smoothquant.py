@@ -137,16 +137,22 @@ def collect_channel_absmax(model: nn.Module, mappings: list[Mapping], batches: T
                 rows = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0])).long()
                 samples[key].append(x[rows].float().cpu())
         hooks.append(model.get_submodule(mp.balance[0]).register_forward_pre_hook(observe))
+    feed_calibration(model, batches, hooks, batch_size=batch_size, desc="smoothquant statistics", progress=progress)
+    return absmax, {k: torch.cat(v)[:sample_rows] for k, v in samples.items() if v}
+
+
+def feed_calibration(model: nn.Module, batches: Tensor, hooks: list, *, batch_size: int, desc: str,
+                     progress: bool) -> None:
+    """Run the calibration batches through `model` so that `hooks` (already registered) observe
+    them; the hooks are removed afterwards, also when a forward fails."""
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
-            for chunk in tqdm(batches.split(batch_size), desc="smoothquant statistics", unit="batch",
-                              disable=not progress, leave=False):
+            for chunk in tqdm(batches.split(batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
                 model(input_ids=chunk.to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return absmax, {k: torch.cat(v)[:sample_rows] for k, v in samples.items() if v}
 
 
 def apply_smoothing(model: nn.Module, mapping: Mapping, scales: Tensor) -> str | None:

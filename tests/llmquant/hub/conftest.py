@@ -71,3 +71,15 @@ def no_xet(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path, upload_hub, hub_consts):
+    """The huggingface_hub client pointed at the test Hub, with a token in HF_TOKEN and no saved login."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", upload_hub.url)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-login"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", hub_consts.token)
+    return monkeypatch

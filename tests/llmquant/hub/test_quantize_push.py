@@ -3,20 +3,7 @@ missing token fails before any work."""
 
 from __future__ import annotations
 
-import pytest
-
 from llmquant.cli import main
-
-
-@pytest.fixture
-def hub_env(monkeypatch, tmp_path, upload_hub, hub_consts):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", upload_hub.url)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-login"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_TOKEN", hub_consts.token)
-    return monkeypatch
 
 
 def test_quantize_push_to_hub_publishes_the_saved_folder(hub_env, tiny_model_dir, tmp_path, upload_hub, capsys):
