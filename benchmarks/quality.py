@@ -59,8 +59,13 @@ CONFIGS: list[tuple[str, dict]] = [
     ("FP8_DYNAMIC, no SmoothQuant", dict(scheme="FP8_DYNAMIC", smoothquant=False)),
     ("FP8_DYNAMIC + SmoothQuant auto (default)", dict(scheme="FP8_DYNAMIC", **CAL)),
     ("FP8_W", dict(scheme="FP8_W")),
+    # GPTQ with its defaults (act_order, Hessian-weighted clipping, one least-squares scale refit),
+    # then without the refinements, to show what each adds.
     ("W4A16 g64 sym GPTQ", dict(scheme="W4A16", group_size=64, gptq=True, **CAL)),
-    ("W4A16 g64 sym act_order GPTQ", dict(scheme="W4A16", group_size=64, gptq=True, act_order=True, **CAL)),
+    ("W4A16 g64 sym GPTQ, act_order only", dict(
+        scheme="W4A16", group_size=64, gptq=dict(act_order=True, weighted_clipping=False, refit_rounds=0), **CAL)),
+    ("W4A16 g64 sym GPTQ, plain", dict(
+        scheme="W4A16", group_size=64, gptq=dict(act_order=False, weighted_clipping=False, refit_rounds=0), **CAL)),
     ("W4A16 g64 asym GPTQ", dict(scheme="W4A16_ASYM", group_size=64, gptq=True, **CAL)),
     ("W8A8 SmoothQuant + GPTQ", dict(scheme="W8A8", gptq=True, **CAL)),
     # Automatic mixed precision: W4A16 / W8A16 per layer by sensitivity, 5 bits per weight on average.

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from llmquant.cli.common import add_model_arguments, model_kwargs
+from llmquant.errors import InvalidConfigError
 from llmquant.quant.args import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
 from llmquant.quant.presets import PRESETS
 from llmquant.quant.recipe import GROUP_SIZE_FALLBACKS
@@ -91,9 +92,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     gq.add_argument("--gptq-block-size", type=int, default=None, help="columns per error-feedback block (default 128)")
     gq.add_argument("--gptq-dampening", type=float, default=None,
                     help="fraction of the Hessian's mean diagonal added before inverting it (default 0.01)")
-    gq.add_argument("--act-order", dest="act_order", action="store_true", default=None,
-                    help="round the most active input columns first (implies --gptq; groups stay static, so "
-                    "the checkpoint needs no g_idx)")
+    gq.add_argument("--act-order", dest="act_order", action=argparse.BooleanOptionalAction, default=None,
+                    help="round the most active input columns first (on by default with --gptq; groups stay "
+                    "static, so the checkpoint needs no g_idx)")
+    gq.add_argument("--weighted-clipping", dest="weighted_clipping", action=argparse.BooleanOptionalAction,
+                    default=None, help="INT weights: choose each group's clipping by the error it causes on the "
+                    "calibration inputs, not by the weights alone (on by default with --gptq)")
+    gq.add_argument("--gptq-refit-rounds", dest="refit_rounds", type=int, default=None, metavar="N",
+                    help="least-squares refits of the INT scales to the rounded values, each after a GPTQ pass "
+                    "(default 1; 0 turns it off)")
+
     gq.add_argument("--awq", dest="awq", action="store_true", default=None,
                     help="weight-only schemes: search activation-aware per-channel scales (AWQ) and fold them "
                     "into the preceding norm / up_proj before rounding (composes with --gptq)")
@@ -150,6 +158,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output is None:
         args.output = default_output(args.model, args.scheme or (Path(args.recipe).stem if args.recipe else "W4A16"))
+    gptq = args.gptq
+    refinements = {k: getattr(args, k) for k in ("weighted_clipping", "refit_rounds")
+                   if getattr(args, k) is not None}
+    if refinements:  # GPTQ options: they turn GPTQ on, over the recipe's other GPTQ settings
+        if gptq is False:
+            raise InvalidConfigError("GPTQ options (--weighted-clipping, --gptq-refit-rounds) "
+                                     "were given with --no-gptq.")
+        gptq = refinements
     result = quantize(
         args.model, output=args.output, scheme=args.scheme, recipe=args.recipe, group_size=args.group_size,
         symmetric=args.symmetric, observer=args.observer, percentile=args.percentile,
@@ -157,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         activations=args.activations, targets=args.targets, ignore=args.ignore,
         group_size_fallback=args.group_size_fallback, dataset=args.dataset, dataset_config=args.dataset_config,
         text_field=args.text_field, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-        smoothquant=args.smoothquant, gptq=args.gptq, gptq_block_size=args.gptq_block_size,
+        smoothquant=args.smoothquant, gptq=gptq, gptq_block_size=args.gptq_block_size,
         gptq_dampening=args.gptq_dampening, act_order=args.act_order, awq=args.awq, target_bits=args.target_bits,
         max_ppl_increase=args.max_ppl_increase, resume=args.resume,
         overwrite=args.overwrite, verify=args.verify, verify_tokens=args.verify_tokens,

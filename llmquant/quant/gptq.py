@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from llmquant.quant.args import FLOAT, FP8_DTYPE, FP8_MAX, QuantArgs
+from llmquant.quant.gptq_scales import hessian_weighted_qparams, refit_scales
 from llmquant.quant.observers import weight_qparams
-from llmquant.quant.primitives import fp8_to_float
+from llmquant.quant.primitives import fp8_to_float, grouped_view
 
 DEFAULT_BLOCK_SIZE = 128
 DEFAULT_DAMPENING = 0.01
@@ -118,7 +119,7 @@ def _few_threads(device: torch.device):
 
 def _error_feedback(W: Tensor, Hinv: Tensor, args: QuantArgs, scales: Tensor, zps: Tensor | None,
                     col_group: list[int], gs: int, static: bool, block_size: int, scale_dtype: torch.dtype,
-                    stored: Tensor, deq: Tensor) -> float:
+                    stored: Tensor, deq: Tensor, importance: Tensor | None) -> float:
     """The GPTQ loop over (possibly permuted) columns; fills `stored`/`deq` and the dynamic group
     scales in place, returns GPTQ's loss. W is updated in place."""
     in_f = W.shape[1]
@@ -136,7 +137,11 @@ def _error_feedback(W: Tensor, Hinv: Tensor, args: QuantArgs, scales: Tensor, zp
                 # The group's columns as they stand now: this block's updated ones, then later
                 # blocks' (which have received every earlier block's feedback).
                 cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                s, z = weight_qparams(cols, col_args, scale_dtype)
+                if importance is not None:
+                    s, z = hessian_weighted_qparams(cols.unsqueeze(1), importance[c:c + gs].unsqueeze(0), args,
+                                                    scale_dtype)
+                else:
+                    s, z = weight_qparams(cols, col_args, scale_dtype)
                 scales[:, g] = s[:, 0].float()
                 if zps is not None:
                     zps[:, g] = z[:, 0].float()
@@ -152,58 +157,79 @@ def _error_feedback(W: Tensor, Hinv: Tensor, args: QuantArgs, scales: Tensor, zp
     return loss
 
 
+def _static_qparams(W: Tensor, H: Tensor, args: QuantArgs, scale_dtype: torch.dtype, weighted: bool
+                    ) -> tuple[Tensor, Tensor | None]:
+    """Scales fixed before the loop from the original weight: (out, groups), or (1,) per tensor."""
+    if weighted and args.strategy != "tensor":
+        view = grouped_view(W, args)
+        s, z = hessian_weighted_qparams(view, torch.diag(H).reshape(view.shape[1:]), args, scale_dtype)
+        return s, z
+    return weight_qparams(W, args, scale_dtype)
+
+
 def gptq_quantize_weight(weight: Tensor, hessian: Tensor, args: QuantArgs, *,
                          block_size: int = DEFAULT_BLOCK_SIZE, dampening: float = DEFAULT_DAMPENING,
-                         act_order: bool = False, scale_dtype: torch.dtype = torch.float32) -> GPTQResult:
+                         act_order: bool = False, scale_dtype: torch.dtype = torch.float32,
+                         weighted_clipping: bool = False, refit_rounds: int = 0) -> GPTQResult:
     """Quantize a (out, in) weight with GPTQ against the inputs summarized by `hessian` (in, in).
 
     `args` is the weight's QuantArgs (any strategy: tensor, channel, group; INT4/INT8/FP8) and
-    chooses the observer for the scales; scales are rounded to `scale_dtype` as stored."""
+    chooses the observer for the scales; scales are rounded to `scale_dtype` as stored.
+    `weighted_clipping` picks INT scales by the Hessian-weighted clipping search instead
+    (gptq_scales.py). `refit_rounds` > 0 refits the INT scales by least squares on the codes;
+    each further round runs GPTQ again with the refitted scales fixed, then refits again."""
     if block_size < 1:
         raise ValueError("block_size must be positive")
-    W = weight.detach().float().clone()  # (out, in)
-    out_f, in_f = W.shape
-    H = hessian.detach().float().to(W.device).clone()
+    W0 = weight.detach().float().clone()  # (out, in)
+    out_f, in_f = W0.shape
+    H = hessian.detach().float().to(W0.device).clone()
     if H.shape != (in_f, in_f):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match the weight's {in_f} input columns")
     # An input that was always zero gives no information; a unit diagonal keeps H invertible
     # and leaves that column to plain rounding (its error cannot reach any output seen).
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
+    is_int = args.type != FLOAT
+    weighted = weighted_clipping and is_int
 
     group = args.strategy == "group"
     gs = args.group_size if group else in_f
     n_groups = in_f // gs if group else 1
-    scales = torch.empty(out_f, n_groups, dtype=torch.float32, device=W.device)
-    zps = None if args.symmetric or args.type == FLOAT else torch.empty_like(scales)
-    if args.strategy == "tensor":
-        s, z = weight_qparams(W, args, scale_dtype)  # (1,)
-        scales.copy_(s.float().expand(out_f, 1))
-        if zps is not None:
-            zps.copy_(z.float().expand(out_f, 1))
-    elif not group or act_order:
-        s, z = weight_qparams(W, args, scale_dtype)  # (out, 1) or static groups (out, G)
-        scales.copy_(s.float())
-        if zps is not None:
-            zps.copy_(z.float())
+    scales = torch.empty(out_f, n_groups, dtype=torch.float32, device=W0.device)
+    zps = None if args.symmetric or not is_int else torch.empty_like(scales)
     static = not group or act_order
+    if static:
+        s, z = _static_qparams(W0, H, args, scale_dtype, weighted)  # (1,), (out, 1) or static groups (out, G)
+        scales.copy_(s.float().expand(out_f, n_groups) if args.strategy == "tensor" else s.float())
+        if zps is not None:
+            zps.copy_(z.float().expand(out_f, n_groups) if args.strategy == "tensor" else z.float())
 
     perm = None
+    Hp = H
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    col_group = (perm if perm is not None else torch.arange(in_f, device=W.device)) // gs
-    Hinv = _inverse_hessian_factor(H, dampening)
+        Hp = H[perm][:, perm]
+    col_group = ((perm if perm is not None else torch.arange(in_f, device=W0.device)) // gs).tolist()
+    Hinv = _inverse_hessian_factor(Hp, dampening)
+    importance = torch.diag(H) if weighted and not static else None
+    refit = refit_rounds > 0 and is_int and args.strategy != "tensor"
 
-    stored = torch.empty(out_f, in_f, dtype=FP8_DTYPE if args.type == FLOAT else torch.int8, device=W.device)
-    deq = torch.empty(out_f, in_f, dtype=torch.float32, device=W.device)
-    with _few_threads(W.device):
-        loss = _error_feedback(W, Hinv, args, scales, zps, col_group.tolist(), gs, static, block_size, scale_dtype,
-                               stored, deq)
+    stored = torch.empty(out_f, in_f, dtype=FP8_DTYPE if not is_int else torch.int8, device=W0.device)
+    deq = torch.empty(out_f, in_f, dtype=torch.float32, device=W0.device)
+    rounds = max(1, refit_rounds) if refit else 1
+    for round_index in range(rounds):
+        W = W0[:, perm] if perm is not None else W0.clone()
+        with _few_threads(W0.device):
+            loss = _error_feedback(W, Hinv, args, scales, zps, col_group, gs, static or round_index > 0,
+                                   block_size, scale_dtype, stored, deq, importance)
+        if perm is not None:
+            inverse = torch.argsort(perm)
+            stored, deq = stored[:, inverse].contiguous(), deq[:, inverse].contiguous()
+        if refit:
+            scales = refit_scales(W0, H, stored, scales, zps, scale_dtype)
+            codes = stored.float() - (zps.repeat_interleave(gs, dim=1) if zps is not None else 0.0)
+            deq = codes * scales.repeat_interleave(gs, dim=1)
 
-    if perm is not None:
-        inverse = torch.argsort(perm)
-        stored, deq = stored[:, inverse], deq[:, inverse]
     if args.strategy == "tensor":
         scale_out, zp_out = scales[:1, 0].reshape(1), (zps[:1, 0].reshape(1) if zps is not None else None)
     else:

@@ -97,7 +97,8 @@ class GPTQHandler:
         scale_dtype = scale_dtype_for(scheme, self.storage_dtype)
         cfg = self.config
         result = gptq_quantize_weight(weight, hessian, scheme.weights, block_size=cfg.block_size,
-                                      dampening=cfg.dampening, act_order=cfg.act_order, scale_dtype=scale_dtype)
+                                      dampening=cfg.dampening, act_order=cfg.act_order, scale_dtype=scale_dtype,
+                                      weighted_clipping=cfg.weighted_clipping, refit_rounds=cfg.refit_rounds)
         row = 0
         for name, module in zip(names, modules):
             rows = slice(row, row + module.out_features)

@@ -60,7 +60,7 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
                  group_size_fallback: str | None = None, dataset: str | None = None,
                  dataset_config: str | None = None, text_field: str | None = None,
                  num_samples: int | None = None, seq_len: int | None = None, seed: int | None = None,
-                 smoothquant: float | str | bool | None = None, gptq: bool | None = None,
+                 smoothquant: float | str | bool | None = None, gptq: bool | dict | GPTQConfig | None = None,
                  gptq_block_size: int | None = None, gptq_dampening: float | None = None,
                  act_order: bool | None = None, awq: bool | None = None, target_bits: float | None = None,
                  max_ppl_increase: float | None = None) -> Recipe:
@@ -126,11 +126,18 @@ def _mixed_override(current: MixedPrecisionConfig | None, target_bits: float | N
     return MixedPrecisionConfig(target_bits=target_bits, max_ppl_increase=max_ppl_increase, **keep)
 
 
-def _gptq_override(current: GPTQConfig | None, gptq: bool | None, block_size: int | None,
+def _gptq_override(current: GPTQConfig | None, gptq: bool | dict | GPTQConfig | None, block_size: int | None,
                    dampening: float | None, act_order: bool | None):
-    """None: the recipe's choice; False: off; True or any GPTQ option: on, with those options."""
+    """None: the recipe's choice; False: off; True or any GPTQ option: on, with those options;
+    a GPTQConfig (Python API): on, with its settings; a mapping of some of its fields: on, with
+    those fields over the recipe's settings."""
     options = {k: v for k, v in dict(block_size=block_size, dampening=dampening, act_order=act_order).items()
                if v is not None}
+    if isinstance(gptq, GPTQConfig):
+        return GPTQConfig(**{**dataclasses.asdict(gptq), **options})
+    if isinstance(gptq, dict):  # these fields over the recipe's (or the default) settings
+        merged = {**dataclasses.asdict(current or GPTQConfig()), **gptq, **options}
+        return GPTQConfig.from_dict(merged)
     if gptq is False:
         if options:
             raise InvalidConfigError("GPTQ options were given with GPTQ turned off.")
@@ -157,7 +164,7 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
              group_size_fallback: str | None = None, dataset: str | None = None,
              dataset_config: str | None = None, text_field: str | None = None, num_samples: int | None = None,
              seq_len: int | None = None, seed: int | None = None,
-             smoothquant: float | str | bool | None = None, gptq: bool | None = None,
+             smoothquant: float | str | bool | None = None, gptq: bool | dict | GPTQConfig | None = None,
              gptq_block_size: int | None = None, gptq_dampening: float | None = None,
              act_order: bool | None = None, awq: bool | None = None, target_bits: float | None = None,
              max_ppl_increase: float | None = None, resume: bool = False,
@@ -406,7 +413,7 @@ def _run_gptq(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor, l
 
     cal, g = rec.calibration, rec.gptq
     description = (f"{batches.shape[0]} x {cal.seq_len} tokens from {cal.dataset} (calibration split, seed "
-                   f"{cal.seed}) for GPTQ (block {g.block_size}, dampening {g.dampening}, act_order {g.act_order})")
+                   f"{cal.seed}) for GPTQ ({g.describe()})")
     quantized = {p.name for p in plans if p.scheme is not None}
     plan = plan_sequential(net, batches.shape[0], batches.shape[1], SEQUENTIAL_BATCH, quantized)
     _say(progress, plan.describe())

@@ -17,7 +17,9 @@
     gptq:                      # absent/null: plain rounding; runs after smoothquant when both are set
       block_size: 128
       dampening: 0.01
-      act_order: false
+      act_order: true
+      weighted_clipping: true  # INT scales: clipping chosen by the output error it causes
+      refit_rounds: 1          # least-squares refits of the INT scales to the rounded values
     calibration:
       dataset: builtin
       num_samples: 128
@@ -95,16 +97,31 @@ class GPTQConfig:
     # Fraction of the Hessian's mean diagonal added to it, so that it can be inverted.
     dampening: float = 0.01
     # Round the most active input columns first (the permutation is undone before saving).
-    act_order: bool = False
+    act_order: bool = True
+    # Pick each group's clipping by the error it causes on the calibration inputs (Hessian
+    # diagonal weighted), not by the weights alone (gptq_scales.py). INT weights only.
+    weighted_clipping: bool = True
+    # Least-squares refits of the INT scales to the chosen codes (each after a GPTQ pass).
+    refit_rounds: int = 1
 
     def __post_init__(self) -> None:
+        for flag in ("act_order", "weighted_clipping"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidConfigError(f"gptq.{flag} must be true or false, got {getattr(self, flag)!r}.")
+        if isinstance(self.refit_rounds, bool) or not isinstance(self.refit_rounds, int) or not 0 <= self.refit_rounds <= 8:
+            raise InvalidConfigError(f"gptq.refit_rounds must be an integer from 0 to 8, got {self.refit_rounds!r}.")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise InvalidConfigError(f"gptq.block_size must be a positive integer, got {self.block_size!r}.")
         if (isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float))
                 or not 0.0 < self.dampening <= 1.0):
             raise InvalidConfigError(f"gptq.dampening must be a number in (0, 1], got {self.dampening!r}.")
-        if not isinstance(self.act_order, bool):
-            raise InvalidConfigError(f"gptq.act_order must be true or false, got {self.act_order!r}.")
+
+    def describe(self) -> str:
+        extras = ["weighted clipping"] if self.weighted_clipping else []
+        if self.refit_rounds:
+            extras.append(f"{self.refit_rounds} scale refit" + ("s" if self.refit_rounds > 1 else ""))
+        return (f"block {self.block_size}, dampening {self.dampening}, act_order {self.act_order}"
+                + "".join(", " + e for e in extras))
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTQConfig":

@@ -1,7 +1,6 @@
 """Layer plans: automatic group size, and the error or fallback for widths a group does not divide."""
 
 import pytest
-import torch
 from torch import nn
 
 from llmquant.errors import InvalidConfigError
