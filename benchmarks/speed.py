@@ -148,7 +148,9 @@ def measure_model(name: str, folder: Path, ids: list[int], repeats: int) -> list
         plain.shutdown()
     rows = []
     for key, runs in results.items():
-        rows.append({"model": name, "runner": key, "decode_tok_s": statistics.median(r[0] for r in runs),
+        label = key + (" (lean forward refused by its probe)" if key == "llmquant engine" and lean._lean is None
+                       else "")
+        rows.append({"model": name, "runner": label, "decode_tok_s": statistics.median(r[0] for r in runs),
                      "prefill_tok_s": statistics.median(r[1] for r in runs), "runs": runs})
         print(f"{name:6s} {key:40s} decode {rows[-1]['decode_tok_s']:7.1f} tok/s, "
               f"prefill {rows[-1]['prefill_tok_s']:7.1f} tok/s", flush=True)

@@ -25,7 +25,7 @@ import torch
 
 from serve import kv_cache
 from serve.detokenizer import IncrementalDetokenizer
-from serve.lean_forward import build_lean_forward
+from serve.lean_forward import PROBE_TEXT, build_lean_forward
 from serve.events import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -94,8 +94,8 @@ class Engine:
         self._cache_kwarg = _cache_kwarg(self.model)
         # Llama-shaped models run a lean forward (same math, far fewer steps per token:
         # lean_forward.py); it is checked against the transformers forward first.
-        self._lean = build_lean_forward(self.model, self.max_model_len, kv_cache.new_cache, self._cache_kwarg) \
-            if lean_forward else None
+        self._lean = build_lean_forward(self.model, self.max_model_len, kv_cache.new_cache, self._cache_kwarg,
+                                        _probe_ids(self.tokenizer)) if lean_forward else None
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
         self._cache = None
@@ -382,6 +382,11 @@ def _sliding_window(config) -> int | None:
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         return window
     return window if getattr(config, "use_sliding_window", True) else None
+
+
+def _probe_ids(tokenizer) -> list[int]:
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    return ids if len(ids) >= 2 else [1, 2, 3, 4]
 
 
 def _cache_kwarg(model) -> str:

@@ -33,7 +33,7 @@ def serve(model=None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api
           max_waiting: int = 256, revision: str | None = None, dtype: str = "auto", device: str | None = None,
           allow_pickle: bool = False, trust_remote_code: bool = False,
           shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S, log_level: str = "info",
-          ready_message: bool = True) -> None:
+          ready_message: bool = True, lean_forward: bool = True) -> None:
     """Serve `model` (any source `llmquant.load_model` takes; None: the demo model) on host:port."""
     import uvicorn
 
@@ -47,7 +47,8 @@ def serve(model=None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api
     loaded = load_model(model, revision=revision, dtype=dtype, device=device, allow_pickle=allow_pickle,
                         trust_remote_code=trust_remote_code)
     name = served_model_name or default_model_name(model, loaded)
-    engine = Engine(loaded, max_batch_size=max_batch_size, max_waiting=max_waiting, max_model_len=max_model_len)
+    engine = Engine(loaded, max_batch_size=max_batch_size, max_waiting=max_waiting, max_model_len=max_model_len,
+                    lean_forward=lean_forward)
     app = create_app(engine, name, api_key=api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=shutdown_timeout)

@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="requests queued beyond the batch before answering 429 busy (default 256)")
     eng.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="S",
                      help="on SIGINT/SIGTERM, how long in-flight requests may take to finish")
+    eng.add_argument("--no-lean-forward", dest="lean_forward", action="store_false",
+                     help="run the model through transformers' forward even where the lean forward applies "
+                     "(Llama-shaped models; same results, slower; for comparisons)")
     vllm = parser.add_argument_group("vLLM backend (--backend vllm)")
     vllm.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N", help="GPUs per model replica")
     vllm.add_argument("--pipeline-parallel-size", type=int, default=None, metavar="N", help="pipeline stages")
@@ -85,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
           served_model_name=args.served_model_name, max_model_len=args.max_model_len,
           max_batch_size=args.max_batch_size or DEFAULT_MAX_BATCH, max_waiting=args.max_waiting,
-          shutdown_timeout=args.shutdown_timeout, **model_kwargs(args))
+          shutdown_timeout=args.shutdown_timeout, lean_forward=args.lean_forward, **model_kwargs(args))
     return 0
 
 

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from llmquant.quant.calibration import forward_for_statistics
+
 # (balance layers, smoothing module), as patterns on module names. The balance layers of one
 # mapping share one input: the smoothing module's output.
 MAPPINGS: tuple[tuple[str, str], ...] = (
@@ -149,7 +151,7 @@ def feed_calibration(model: nn.Module, batches: Tensor, hooks: list, *, batch_si
     try:
         with torch.inference_mode():
             for chunk in tqdm(batches.split(batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-                model(input_ids=chunk.to(device), use_cache=False)
+                forward_for_statistics(model, chunk.to(device))
     finally:
         for h in hooks:
             h.remove()

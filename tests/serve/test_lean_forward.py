@@ -80,18 +80,21 @@ def test_engine_uses_it_and_refuses_other_shapes(tiny_loaded, tiny_model_dir):
         plain.shutdown()
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64))
     assert not LeanForward.supports(gpt2)
-    assert build_lean_forward(gpt2, 64, kv_cache.new_cache, "past_key_values") is None
+    assert build_lean_forward(gpt2, 64, kv_cache.new_cache, "past_key_values", [5, 6, 7]) is None
 
 
-def test_a_model_that_disagrees_is_refused(tiny_model_dir):
-    """A lean forward that computes something else (here: a wrong RMSNorm epsilon) fails the probe."""
+def test_a_model_that_disagrees_is_refused(tiny_model_dir, tiny_loaded):
+    """The probe tells a lean forward that computes something else (here: RMSNorm epsilon) apart."""
     from llmquant import load_model
+    from serve.engine import _cache_kwarg, _probe_ids
+    from serve.lean_forward import PROBE_MAX_KL
 
     model = load_model(tiny_model_dir, dtype="float32").model
-    for layer in model.model.layers:
-        layer.input_layernorm.variance_epsilon = 1.0  # transformers now normalizes differently
+    for norm in [model.model.norm] + [n for layer in model.model.layers
+                                      for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+        norm.variance_epsilon = 1.0  # large enough to change every output
     lean = LeanForward(model, 512)
+    probe = _probe_ids(tiny_loaded.tokenizer)
+    assert lean.check_against(model, kv_cache.new_cache, _cache_kwarg(model), probe) < 1e-6
     lean.eps = 1e-6
-    from serve.engine import _cache_kwarg
-
-    assert lean.check_against(model, kv_cache.new_cache, _cache_kwarg(model)) > 1e-2
+    assert lean.check_against(model, kv_cache.new_cache, _cache_kwarg(model), probe) > PROBE_MAX_KL
