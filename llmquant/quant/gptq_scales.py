@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from llmquant.quant.args import QuantArgs
-from llmquant.quant.observers import MSE_GRID, MSE_MAX_SHRINK, qparams_for_range
-from llmquant.quant.primitives import fake_quantize
+from llmquant.quant.observers import shrink_search
 
 _REFIT_RIDGE = 1e-6  # relative to the mean diagonal of each row's normal matrix: keeps it invertible
 
@@ -37,19 +36,7 @@ def hessian_weighted_qparams(view: Tensor, importance: Tensor, args: QuantArgs, 
     `importance` (groups, cols) is the Hessian diagonal for those columns. Returns (rows, groups)
     tensors like the observers do."""
     weight = importance.float().clamp(min=0).unsqueeze(0)  # (1, groups, cols)
-    lo, hi = view.amin(dim=-1), view.amax(dim=-1)
-    best_scale, best_zp = qparams_for_range(lo, hi, args, scale_dtype)
-    best_err = ((fake_quantize(view, best_scale, best_zp, args) - view).pow(2) * weight).sum(-1)
-    for i in range(1, int(MSE_MAX_SHRINK * MSE_GRID) + 1):
-        shrink = 1.0 - i / MSE_GRID
-        scale, zp = qparams_for_range(lo * shrink, hi * shrink, args, scale_dtype)
-        err = ((fake_quantize(view, scale, zp, args) - view).pow(2) * weight).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        if zp is not None:
-            best_zp = torch.where(better, zp, best_zp)
-    return best_scale, best_zp
+    return shrink_search(view, args, scale_dtype, lambda d: (d.pow(2) * weight).sum(-1))
 
 
 def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> Tensor:

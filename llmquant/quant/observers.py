@@ -80,20 +80,27 @@ def _percentile_range(view: Tensor, args: QuantArgs) -> tuple[Tensor, Tensor]:
     return _kth_interpolated(view, 1.0 - q), _kth_interpolated(view, q)
 
 
-def _mse_qparams(view: Tensor, args: QuantArgs, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def shrink_search(view: Tensor, args: QuantArgs, scale_dtype: torch.dtype, error
+                  ) -> tuple[Tensor, Tensor | None]:
+    """Per slice of a grouped view, the range min-max x (1.00, 0.99, ... 1 - MSE_MAX_SHRINK)
+    whose rounding minimizes `error(dequantized - view)` (summed over the last dim by `error`)."""
     lo, hi = view.amin(dim=-1), view.amax(dim=-1)
     best_scale, best_zp = qparams_for_range(lo, hi, args, scale_dtype)
-    best_err = (fake_quantize(view, best_scale, best_zp, args) - view).abs().pow(MSE_NORM).sum(-1)
+    best_err = error(fake_quantize(view, best_scale, best_zp, args) - view)
     for i in range(1, int(MSE_MAX_SHRINK * MSE_GRID) + 1):
         shrink = 1.0 - i / MSE_GRID
         scale, zp = qparams_for_range(lo * shrink, hi * shrink, args, scale_dtype)
-        err = (fake_quantize(view, scale, zp, args) - view).abs().pow(MSE_NORM).sum(-1)
+        err = error(fake_quantize(view, scale, zp, args) - view)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         if zp is not None:
             best_zp = torch.where(better, zp, best_zp)
     return best_scale, best_zp
+
+
+def _mse_qparams(view: Tensor, args: QuantArgs, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    return shrink_search(view, args, scale_dtype, lambda d: d.abs().pow(MSE_NORM).sum(-1))
 
 
 def weight_qparams(weight: Tensor, args: QuantArgs, scale_dtype: torch.dtype = torch.float32

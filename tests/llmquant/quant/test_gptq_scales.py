@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmquant.quant.args import QuantArgs
-from llmquant.quant.gptq import accumulate_hessian, gptq_quantize_weight
+from llmquant.quant.gptq import gptq_quantize_weight
 from llmquant.quant.gptq_scales import hessian_weighted_qparams, output_error, refit_scales
 from llmquant.quant.observers import weight_qparams
 from llmquant.quant.primitives import fake_quantize, grouped_view
@@ -12,19 +12,6 @@ from llmquant.quant.primitives import fake_quantize, grouped_view
 INT4_G32 = QuantArgs(num_bits=4, strategy="group", group_size=32, observer="minmax")
 INT4_G32_ASYM = QuantArgs(num_bits=4, strategy="group", group_size=32, symmetric=False, observer="minmax")
 INT8_CHANNEL = QuantArgs(num_bits=8, strategy="channel")
-
-
-@pytest.fixture(scope="module")
-def layer():
-    """A (96, 128) weight and correlated inputs with a few loud channels, like a real layer's."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(96, 128, generator=g)
-    x = torch.randn(2048, 24, generator=g) @ torch.randn(24, 128, generator=g) + 0.3 * torch.randn(2048, 128, generator=g)
-    x[:, :4] *= 8.0
-    h, n = None, 0
-    for chunk in x.split(300):
-        h, n = accumulate_hessian(h, n, chunk)
-    return w, x, h
 
 
 def _err(w, approx, h):
