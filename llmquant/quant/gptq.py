@@ -162,8 +162,7 @@ def _static_qparams(W: Tensor, H: Tensor, args: QuantArgs, scale_dtype: torch.dt
     """Scales fixed before the loop from the original weight: (out, groups), or (1,) per tensor."""
     if weighted and args.strategy != "tensor":
         view = grouped_view(W, args)
-        s, z = hessian_weighted_qparams(view, torch.diag(H).reshape(view.shape[1:]), args, scale_dtype)
-        return s, z
+        return hessian_weighted_qparams(view, torch.diag(H).reshape(view.shape[1:]), args, scale_dtype)
     return weight_qparams(W, args, scale_dtype)
 
 

@@ -36,7 +36,8 @@ class _Hessian:
 
 
 def scale_dtype_for(scheme: QuantScheme, storage_dtype: torch.dtype) -> torch.dtype:
-    # Weight-only INT scales are read by vLLM in the activation dtype; others are float32.
+    # Weight-only INT scales are read by vLLM in the activation dtype, so they are stored in the
+    # model's dtype (and quantized with the rounded value); FP8/INT8-activation scales are float32.
     return storage_dtype if scheme.format == "pack-quantized" else torch.float32
 
 
@@ -125,12 +126,7 @@ class GPTQHandler:
                             scheme=scheme.describe() + " (GPTQ)",
                             weight_sqnr_db=sqnr_db(w, dequantized), note=plan.note)
         entry.output_sqnr_db = output_sqnr_db(w.float(), dequantized, hessian)
-        if stat is not None:
-            entry.activation_sqnr_db = stat.sqnr_db()
-            if scheme.has_static_activations:
-                entry.activation_clip_pct = 100.0 * stat.clip_fraction()
-                entry.activation_absmax = stat.absmax
-                entry.activation_threshold = stat.threshold()
+        entry.add_activation_stats(stat, scheme.has_static_activations)
         self.reports[name] = entry
         set_submodule(self.model, name, qlayer)
         plan.module = None  # the float layer is no longer referenced by the model

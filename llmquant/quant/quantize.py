@@ -22,6 +22,7 @@ from llmquant.checkpoint.ct_config import build_quantization_config
 from llmquant.checkpoint.save import save_quantized
 from llmquant.errors import InvalidConfigError
 from llmquant.quant.calibration import observe_activations
+from llmquant.quant.gptq_model import scale_dtype_for
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.plan import LayerPlan, auto_group_size, config_groups, plan_layers, unquantized_linear_names
 from llmquant.quant.primitives import sqnr_db
@@ -331,21 +332,14 @@ def _save_and_verify(net, tokenizer, rec: Recipe, report: QuantReport, qcfg: dic
 
 def _quantize_layer(net, plan: LayerPlan, stat, pack_scale_dtype: torch.dtype) -> LayerReport:
     scheme = plan.scheme
-    # Weight-only INT scales are read by vLLM in the activation dtype, so store them in the
-    # model's dtype (and quantize with the rounded value); FP8/INT8-activation scales are float32.
-    scale_dtype = pack_scale_dtype if scheme.format == "pack-quantized" else torch.float32
+    scale_dtype = scale_dtype_for(scheme, pack_scale_dtype)
     input_scale = stat.scale() if scheme.has_static_activations else None
     qlayer = QuantizedLinear.from_float(plan.module, scheme, scale_dtype=scale_dtype, input_scale=input_scale)
     entry = LayerReport(name=plan.name, out_features=plan.module.out_features,
                         in_features=plan.module.in_features, scheme=scheme.describe(),
                         weight_sqnr_db=sqnr_db(plan.module.weight.detach(), qlayer.dequantized_weight()),
                         note=plan.note)
-    if stat is not None:
-        entry.activation_sqnr_db = stat.sqnr_db()
-        if scheme.has_static_activations:
-            entry.activation_clip_pct = 100.0 * stat.clip_fraction()
-            entry.activation_absmax = stat.absmax
-            entry.activation_threshold = stat.threshold()
+    entry.add_activation_stats(stat, scheme.has_static_activations)
     set_submodule(net, plan.name, qlayer)
     return entry
 
@@ -407,7 +401,7 @@ def _run_gptq(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor, l
     """GPTQ, decoder layer by decoder layer, on the calibration batches (gptq_model.py), after a
     memory/time plan; with an output folder, a resume point is saved after every layer."""
     from llmquant.quant import resume as resume_points
-    from llmquant.quant.gptq_model import GPTQHandler, scale_dtype_for
+    from llmquant.quant.gptq_model import GPTQHandler
     from llmquant.quant.memory_plan import check_plan, plan_sequential
     from llmquant.quant.sequential import capture_first_inputs, find_decoder_layers, run_sequential
 

@@ -31,6 +31,17 @@ class LayerReport:
     output_sqnr_db: float | None = None  # GPTQ: layer outputs on the calibration inputs
     note: str | None = None
 
+    def add_activation_stats(self, stat, static: bool) -> None:
+        """The activation columns from a layer's calibration statistics (None: weight-only);
+        clipping and range only mean something for static (calibrated) scales."""
+        if stat is None:
+            return
+        self.activation_sqnr_db = stat.sqnr_db()
+        if static:
+            self.activation_clip_pct = 100.0 * stat.clip_fraction()
+            self.activation_absmax = stat.absmax
+            self.activation_threshold = stat.threshold()
+
     @property
     def worst_sqnr(self) -> float:
         values = [self.weight_sqnr_db] + ([self.activation_sqnr_db] if self.activation_sqnr_db is not None else [])
