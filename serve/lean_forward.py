@@ -136,24 +136,35 @@ class LeanForward:
 def build_lean_forward(model: nn.Module, max_positions: int, new_cache, cache_kwarg: str,
                        probe_ids: list[int]) -> LeanForward | None:
     """The lean forward for `model` if it has the shape and agrees with transformers on a probe
-    (`probe_ids`: PROBE_TEXT tokenized, at least two tokens); None (reason logged) otherwise."""
+    (`probe_ids`: PROBE_TEXT tokenized, at least two tokens); None (reason logged) otherwise.
+    On CPU with the compiled decode kernels the CPU variant (lean_forward_cpu.py) is tried first."""
+    from serve.lean_forward_cpu import CpuLeanForward
+
     if not LeanForward.supports(model):
         log.info("lean forward: %s is not a Llama-shaped decoder; using the transformers forward",
                  type(model).__name__)
         return None
-    lean = LeanForward(model, max_positions)
-    error = lean.check_against(model, new_cache, cache_kwarg, probe_ids)
+    candidates = ([CpuLeanForward] if CpuLeanForward.available(model) else []) + [LeanForward]
+    chosen = None
+    for cls in candidates:
+        lean = cls(model, max_positions)
+        error = lean.check_against(model, new_cache, cache_kwarg, probe_ids)
+        if error <= PROBE_MAX_KL:
+            chosen = lean
+            break
+        log.warning("%s disagrees with transformers on a probe (KL %.3g nats/token)", cls.__name__, error)
     # The probe ran transformers' forward: drop the kernel layouts it derived for the unfused
     # projections (the lean forward uses the fused ones), so they do not hold memory.
+    keep = [part for layer in chosen.layers for part in layer] if chosen is not None else []
     for module in model.modules():
         kernels = getattr(module, "_kernels", None)
-        if isinstance(kernels, dict) and not any(module is part for layer in lean.layers for part in layer):
+        if isinstance(kernels, dict) and not any(module is part for part in keep):
             kernels.clear()
-    if error > PROBE_MAX_KL:
-        log.warning("lean forward disagrees with transformers on a probe (KL %.3g nats/token); "
-                    "using the transformers forward", error)
-        return None
-    return lean
+    if chosen is None:
+        log.warning("using the transformers forward")
+    else:
+        log.info("lean forward: %s", type(chosen).__name__)
+    return chosen
 
 
 def _attention_mask(mask: Tensor | None, batch: int, length: int, past: int, device) -> Tensor | None:

@@ -2,6 +2,11 @@
 
 Every kernel computes what `QuantizedLinear.reference_forward` defines (dequantize, then
 matmul). Choices follow measurements (benchmarks/kernels_cpu.py; results in benchmarks/results/):
+- CPU with AVX-512 VNNI, one row (batch-1 decode): our integer-dot kernels (cpu_decode.cpp,
+  built at first use) for INT4 groups of 64-256 and symmetric per-channel INT8. They round the
+  activations to int8 per 64-value block for weight-only schemes, as llama.cpp does (about
+  0.5% relative error per output, far below the weights' own rounding), and per token exactly
+  as the scheme says for W8A8. LLMQUANT_CPU_KERNELS=0 turns them off.
 - CPU, INT4 groups of 32-256 and symmetric per-channel INT8, up to 64 rows (decode, small
   batches): torch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`, fed bfloat16
   activations. Their float32 path is 10-30x slower than their bf16 path (1.1 ms vs 0.09 ms for
@@ -27,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmquant.quant import cpu_ext
 from llmquant.quant.args import FLOAT, FP8_DTYPE, FP8_MAX, INT
 
 log = logging.getLogger(__name__)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 CPU_LOWBIT_MAX_ROWS = 64
+CPU_DOT_MAX_ROWS = 1  # above one row torch's int4pack/int8pack kernels measured as fast or faster
 CUDA_INT4_MAX_ROWS = 16
 SELF_CHECK_TOLERANCE = 1e-2  # relative max error; bf16 rounding alone stays well below
 
@@ -48,6 +55,69 @@ class DequantMatmul:
 
     def __call__(self, x: Tensor) -> Tensor:
         return F.linear(x, self.layer.dequantized_weight(x.dtype))
+
+
+class Int4DotCpu:
+    """INT4 groups x int8 activations on AVX-512 VNNI (cpu_decode.cpp), one row."""
+
+    name = "int4_dot_cpu"
+    quantizes_activations = False
+    tolerance = 3e-2  # its activations are rounded to int8 per 64 values
+
+    @staticmethod
+    def applies(layer, device: torch.device, rows: int) -> bool:
+        w = layer.scheme.weights
+        return (device.type == "cpu" and rows <= CPU_DOT_MAX_ROWS and w.type == INT and w.num_bits == 4
+                and w.strategy == "group" and w.group_size % 64 == 0 and layer.in_features % w.group_size == 0
+                and layer.scheme.input_activations is None and cpu_ext.fast() is not None)
+
+    def __init__(self, layer, device: torch.device, dtype: torch.dtype):
+        self.ext = cpu_ext.fast()
+        n, k = layer.out_features, layer.in_features
+        u = (layer.int_weight().to(torch.int16) + 8).to(torch.uint8).reshape(n, k // 64, 2, 32)
+        self.packed = (u[:, :, 0] | (u[:, :, 1] << 4)).contiguous()  # block b: values b*64+j | b*64+32+j
+        per_block = layer.scheme.weights.group_size // 64
+        scale = layer.weight_scale  # bf16 scales stay bf16 (exact, half the bytes to read per token)
+        scale = scale if scale.dtype == torch.bfloat16 else scale.float()
+        self.scale = scale.repeat_interleave(per_block, dim=1).contiguous()
+        zp = layer.zero_point()  # w = (u - 8 - zp) * scale
+        self.offset = None if zp is None else (zp.to(torch.int32) + 8).repeat_interleave(per_block, dim=1).contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.ext.int4_linear(x, self.packed, self.scale, self.offset, None)
+
+
+class Int8DotCpu:
+    """Per-channel INT8 weights x int8 activations on AVX-512 VNNI (cpu_decode.cpp), one row.
+    With the scheme's own INT8 activations (dynamic per token or static per tensor) it computes
+    exactly the scheme; for W8A16 it rounds activations per 64 values."""
+
+    name = "int8_dot_cpu"
+    tolerance = 3e-2
+
+    @staticmethod
+    def applies(layer, device: torch.device, rows: int) -> bool:
+        w, a = layer.scheme.weights, layer.scheme.input_activations
+        acts_ok = a is None or (a.type == INT and a.num_bits == 8 and a.symmetric
+                                and (a.dynamic and a.strategy == "token" or not a.dynamic and a.strategy == "tensor"))
+        return (device.type == "cpu" and rows <= CPU_DOT_MAX_ROWS and w.type == INT and w.num_bits == 8
+                and w.symmetric and w.strategy == "channel" and layer.in_features % 64 == 0 and acts_ok
+                and cpu_ext.fast() is not None)
+
+    def __init__(self, layer, device: torch.device, dtype: torch.dtype):
+        self.ext = cpu_ext.fast()
+        self.layer = layer
+        q = layer.int_weight()
+        self.weight = q.clone(memory_format=torch.contiguous_format)  # aligned memory of our own
+        self.scale = layer.weight_scale.float().reshape(-1).contiguous()
+        self.wsum = q.to(torch.int32).reshape(q.shape[0], -1, 64).sum(-1, dtype=torch.int32).contiguous()
+        act = layer.scheme.input_activations
+        self.quantizes_activations = act is not None
+        self.mode = self.ext.PER_BLOCK if act is None else self.ext.PER_ROW if act.dynamic else self.ext.STATIC
+
+    def __call__(self, x: Tensor) -> Tensor:
+        static = float(self.layer.input_scale) if self.mode == self.ext.STATIC else 0.0
+        return self.ext.int8_linear(x, self.weight, self.scale, self.wsum, None, self.mode, static)
 
 
 class Int4PackCpu:
@@ -165,7 +235,7 @@ class Fp8ScaledMmCuda:
         return y[:rows].to(x.dtype)
 
 
-FAST_KERNELS = (Int4PackCpu, Int8PackCpu, Int4PackCuda, Fp8ScaledMmCuda)
+FAST_KERNELS = (Int4DotCpu, Int8DotCpu, Int4PackCpu, Int8PackCpu, Int4PackCuda, Fp8ScaledMmCuda)
 
 
 def _scales_and_zeros(layer, dtype: torch.dtype) -> Tensor:
@@ -190,7 +260,7 @@ def _self_check(kernel, layer, device: torch.device, dtype: torch.dtype, rows: i
             F.linear(x.float(), layer.dequantized_weight(torch.float32))
         out = kernel(x).float()
     err = (out - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
-    return err <= SELF_CHECK_TOLERANCE
+    return err <= getattr(kernel, "tolerance", SELF_CHECK_TOLERANCE)
 
 
 def select_kernel(layer, x: Tensor):

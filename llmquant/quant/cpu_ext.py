@@ -1,0 +1,64 @@
+"""The CPU decode kernels (cpu_decode*.cpp / .h), compiled for this machine at first use.
+
+`load()` returns the compiled module, or None when it cannot be had (no C++ compiler, no
+ninja, a build error, or LLMQUANT_CPU_KERNELS=0); callers then keep torch's own kernels, so a
+machine without a toolchain is slower, never broken. The build is cached by torch under
+TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and takes about a minute once.
+
+It is compiled with -march=native, so its name carries a digest of this CPU's feature flags (a
+cache shared between machines never hands one CPU code built for another) and of the sources,
+header included (an edited header always rebuilds).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+SOURCES = [HERE / name for name in ("cpu_decode_matmul.cpp", "cpu_decode_steps.cpp", "cpu_decode_stack.cpp")]
+ENV_SWITCH = "LLMQUANT_CPU_KERNELS"
+
+
+def _build_digest() -> str:
+    flags = platform.machine() + "".join(p.read_text() for p in (*SOURCES, HERE / "cpu_decode.h"))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+@functools.cache
+def load():
+    """The compiled kernels module, or None (reason logged once)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        log.info("CPU decode kernels off (%s=0)", ENV_SWITCH)
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        module = build(name=f"llmquant_cpu_decode_{_build_digest()}", sources=[str(p) for p in SOURCES],
+                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                       verbose=False)
+    except Exception as exc:  # no compiler / ninja, or a build error: torch's kernels still work
+        log.warning("CPU decode kernels unavailable (%s: %s); using torch's kernels", type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "")
+        return None
+    return module
+
+
+def fast() -> object | None:
+    """The module when its AVX-512 VNNI kernels are compiled in (the only case where they beat
+    torch's kernels), else None."""
+    module = load()
+    return module if module is not None and module.fast_path() else None
