@@ -1,4 +1,4 @@
-"""The lean forward on CPU: each step around the matmuls is one compiled call (cpu_decode.cpp).
+"""The lean forward on CPU: each step around the matmuls is one compiled call (cpu_decode_*.cpp).
 
 At batch 1 a 135M-parameter model's decode step on two cores has about 10 ms of arithmetic
 and memory traffic, so every PyTorch op that is not a matmul (a few microseconds each, some 40

@@ -153,6 +153,40 @@ inline void int4_tile_one_row(const QuantizedRows& a, int64_t blocks, const Int4
 }
 #endif
 
+#if LLMQUANT_VNNI
+// M activation rows (2..8, unrolled) against one weight row: each weight block is unpacked once.
+template <int M, typename T, typename S>
+inline void int4_tile_rows(const QuantizedRows& a, int64_t k, const Int4Weights<S>& w, const T* bias, T* out,
+                           int64_t n, int64_t n_out) {
+  const int64_t blocks = k / BLOCK;
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  prefetch_ahead(w.packed + n * blocks * 32, blocks * 32);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i = n * blocks + b;
+    const __m512i wv = unpack_nibbles(w.packed + i * 32);
+    const float ws = to_float(w.scale[i]);
+    const int32_t offset = w.offset ? w.offset[i] : 8;
+    for (int m = 0; m < M; ++m) {
+      const __m512i start = _mm512_maskz_set1_epi32(1, -offset * a.sum[m * blocks + b]);
+      const __m512i dot = _mm512_dpbusd_epi32(start, wv, _mm512_loadu_si512(a.q.data() + m * k + b * BLOCK));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(ws * a.scale[m * blocks + b]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    float y = _mm512_reduce_add_ps(acc[m]);
+    if (bias) y += to_float(bias[n]);
+    out[m * n_out + n] = static_cast<T>(y);
+  }
+}
+
+template <int M, typename T, typename S>
+void int4_rows_of(const QuantizedRows& a, int64_t k, const Int4Weights<S>& w, const T* bias, T* out, int64_t n0,
+                  int64_t n1, int64_t n_out) {
+  for (int64_t n = n0; n < n1; ++n) int4_tile_rows<M, T, S>(a, k, w, bias, out, n, n_out);
+}
+#endif
+
 template <typename T, typename S>
 void int4_rows(const QuantizedRows& a, int64_t rows, int64_t k, const Int4Weights<S>& w, const T* bias, T* out,
                int64_t n_out) {
@@ -166,6 +200,16 @@ void int4_rows(const QuantizedRows& a, int64_t rows, int64_t k, const Int4Weight
       for (; n + 4 <= n1; n += 4) int4_tile_one_row<4, T, S>(a, blocks, w, bias, out, n);
       for (; n < n1; ++n) int4_tile_one_row<1, T, S>(a, blocks, w, bias, out, n);
       return;
+    }
+    switch (rows) {
+      case 2: return int4_rows_of<2, T, S>(a, k, w, bias, out, n0, n1, n_out);
+      case 3: return int4_rows_of<3, T, S>(a, k, w, bias, out, n0, n1, n_out);
+      case 4: return int4_rows_of<4, T, S>(a, k, w, bias, out, n0, n1, n_out);
+      case 5: return int4_rows_of<5, T, S>(a, k, w, bias, out, n0, n1, n_out);
+      case 6: return int4_rows_of<6, T, S>(a, k, w, bias, out, n0, n1, n_out);
+      case 7: return int4_rows_of<7, T, S>(a, k, w, bias, out, n0, n1, n_out);
+      case 8: return int4_rows_of<8, T, S>(a, k, w, bias, out, n0, n1, n_out);
+      default: break;
     }
 #endif
     for (int64_t n = n0; n < n1; ++n) {
@@ -363,12 +407,42 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 // outputs are read directly (the lm_head's logits). Each weight is widened to float32 and
 // multiplied in; still one pass over the int8 weights, which is what bounds this matmul.
 namespace {
+#if LLMQUANT_VNNI
+// One activation row against R weight rows, unrolled (accumulators in registers).
+template <int R, typename T>
+inline void int8_float_tile(const float* x, int64_t k, const int8_t* weight, const float* scale, const T* bias,
+                            T* out, int64_t n) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  prefetch_ahead(weight + n * k, R * k);
+  for (int64_t i = 0; i < k; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + (n + r) * k + i))));
+      acc[r] = _mm512_fmadd_ps(w, xv, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float y = _mm512_reduce_add_ps(acc[r]) * scale[n + r];
+    if (bias) y += to_float(bias[n + r]);
+    out[n + r] = static_cast<T>(y);
+  }
+}
+#endif
+
 template <typename T>
 void int8_float_rows(const std::vector<float>& x, int64_t rows, int64_t k, const int8_t* weight, const float* scale,
                      const T* bias, T* out, int64_t n_out) {
   at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
 #if LLMQUANT_VNNI
     prefetch_ahead(weight + n0 * k - PREFETCH_DISTANCE, PREFETCH_DISTANCE);  // the lead-in
+    if (rows == 1) {
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) int8_float_tile<4, T>(x.data(), k, weight, scale, bias, out, n);
+      for (; n < n1; ++n) int8_float_tile<1, T>(x.data(), k, weight, scale, bias, out, n);
+      return;
+    }
 #endif
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* wrow = weight + n * k;

@@ -122,12 +122,16 @@ bool fast_path() { return LLMQUANT_VNNI; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace llmquant_cpu;
+  // The long calls let go of the GIL: a server's other threads (HTTP, streaming) keep running
+  // during a decode step instead of queueing behind it.
+  using release = py::call_guard<py::gil_scoped_release>;
   m.def("fast_path", &fast_path, "whether the AVX-512 VNNI kernels were compiled in");
-  m.def("int4_linear", &int4_linear, "x @ W.T (+ bias) for 4-bit weights, up to 8 rows");
+  m.def("int4_linear", &int4_linear, "x @ W.T (+ bias) for 4-bit weights, up to 8 rows", release());
   m.def("int8_linear", &int8_linear, "x @ W.T (+ bias) for 8-bit per-row weights, up to 8 rows",
         py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("wsum"), py::arg("bias"),
-        py::arg("activation_scales") = 0, py::arg("static_scale") = 0.0);
-  m.def("int8_linear_float", &int8_linear_float, "x @ W.T (+ bias), 8-bit per-row weights, float activations");
+        py::arg("activation_scales") = 0, py::arg("static_scale") = 0.0, release());
+  m.def("int8_linear_float", &int8_linear_float, "x @ W.T (+ bias), 8-bit per-row weights, float activations",
+        release());
   m.def("rms_norm", &rms_norm, "LlamaRMSNorm");
   m.def("add_rms_norm_", &add_rms_norm_, "x += delta; return rms_norm(x)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of cat(gate, up)");
@@ -139,7 +143,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, int64_t, at::Tensor, double>())
       .def("add_layer", &DecodeStack::add_layer)
-      .def("step", &DecodeStack::step)
+      .def("step", &DecodeStack::step, release())
       .def("num_layers", &DecodeStack::num_layers);
   m.attr("BLOCK") = BLOCK;
   m.attr("MAX_ROWS") = MAX_ROWS;

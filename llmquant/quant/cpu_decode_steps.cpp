@@ -153,95 +153,166 @@ void rope_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
 // One query token per row attending to its cached keys: q (B, H, D); keys/values (B, KVH, L, D)
 // with any strides in the first three dimensions (the cache's views of its buffers); mask
 // (B, L) bool or None (key j of row b visible when mask[b, j]). Scores and softmax in float32.
+//
+// Work is split by (row, kv head): the query heads that share a kv head (grouped-query
+// attention) read each cached key and value once between them, in chunks that fit registers.
 namespace {
-constexpr int64_t MAX_VECTOR_HEAD_DIM = 256;
+
+struct AttentionShape {
+  int64_t batch, heads, kv_heads, length, d, q_stride;
+  int64_t ks0, ks1, ks2, vs0, vs1, vs2;
+};
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// Softmax numerators in place (masked keys exactly 0); returns their sum.
+float exp_scores(float* sc, int64_t length, float best) {
+  int64_t t = 0;
+  float total = 0.f;
+#if LLMQUANT_VNNI
+  const __m512 best_v = _mm512_set1_ps(best), neg_inf = _mm512_set1_ps(NEG_INF);
+  __m512 total_v = _mm512_setzero_ps();
+  for (; t + 16 <= length; t += 16) {
+    const __m512 s = _mm512_loadu_ps(sc + t);
+    const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, neg_inf, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(s, best_v)));
+    _mm512_storeu_ps(sc + t, p);
+    total_v = _mm512_add_ps(total_v, p);
+  }
+  total = _mm512_reduce_add_ps(total_v);
+#endif
+  for (; t < length; ++t) {
+    sc[t] = sc[t] == NEG_INF ? 0.f : std::exp(sc[t] - best);
+    total += sc[t];
+  }
+  return total;
+}
+
+#if LLMQUANT_VNNI
+constexpr int64_t VECTOR_REGS = 16;  // query vectors of one chunk of heads, and as many accumulators
+
+// Heads h0 .. h0 + count - 1 of row b (all on kv head kvh); d % 16 == 0, count * d / 16 <= 16.
+// NV_T / COUNT_T, when not 0, fix d / 16 and count at compile time: the loops unroll and the
+// query vectors and accumulators live in registers (with runtime bounds they go through the
+// stack, which measured 5x slower).
+template <typename T, int NV_T, int COUNT_T>
+void attend_vector(const T* q, const T* kp, const T* vp, const bool* mask, T* out, const AttentionShape& a,
+                   int64_t b, int64_t kvh, int64_t h0, int64_t count_arg, std::vector<float>& sc) {
+  const int64_t nv = NV_T ? NV_T : a.d / 16, count = COUNT_T ? COUNT_T : count_arg, length = a.length;
+  const float scale = 1.f / std::sqrt(static_cast<float>(a.d));
+  __m512 qv[VECTOR_REGS], av[VECTOR_REGS];
+  for (int64_t g = 0; g < count; ++g)
+    for (int64_t j = 0; j < nv; ++j) {
+      qv[g * nv + j] = _mm512_mul_ps(load16(q + b * a.q_stride + (h0 + g) * a.d + j * 16), _mm512_set1_ps(scale));
+      av[g * nv + j] = _mm512_setzero_ps();
+    }
+  const T* kbase = kp + b * a.ks0 + kvh * a.ks1;
+  const T* vbase = vp + b * a.vs0 + kvh * a.vs1;
+  const bool* mrow = mask ? mask + b * length : nullptr;
+  float best[VECTOR_REGS];
+  for (int64_t g = 0; g < count; ++g) best[g] = NEG_INF;
+  for (int64_t t = 0; t < length; ++t) {
+    if (mrow && !mrow[t]) {
+      for (int64_t g = 0; g < count; ++g) sc[g * length + t] = NEG_INF;
+      continue;
+    }
+    const T* kr = kbase + t * a.ks2;
+    __m512 kv[VECTOR_REGS];
+    for (int64_t j = 0; j < nv; ++j) kv[j] = load16(kr + j * 16);
+    for (int64_t g = 0; g < count; ++g) {
+      __m512 s = _mm512_mul_ps(qv[g * nv], kv[0]);
+      for (int64_t j = 1; j < nv; ++j) s = _mm512_fmadd_ps(qv[g * nv + j], kv[j], s);
+      sc[g * length + t] = _mm512_reduce_add_ps(s);
+    }
+  }
+  float inv[VECTOR_REGS];
+  for (int64_t g = 0; g < count; ++g) {
+    for (int64_t t = 0; t < length; ++t) best[g] = std::max(best[g], sc[g * length + t]);
+    const float total = exp_scores(sc.data() + g * length, length, best[g]);
+    inv[g] = total > 0.f ? 1.f / total : 0.f;
+  }
+  for (int64_t t = 0; t < length; ++t) {
+    if (mrow && !mrow[t]) continue;
+    const T* vr = vbase + t * a.vs2;
+    __m512 vv[VECTOR_REGS];
+    for (int64_t j = 0; j < nv; ++j) vv[j] = load16(vr + j * 16);
+    for (int64_t g = 0; g < count; ++g) {
+      const __m512 p = _mm512_set1_ps(sc[g * length + t]);
+      for (int64_t j = 0; j < nv; ++j) av[g * nv + j] = _mm512_fmadd_ps(p, vv[j], av[g * nv + j]);
+    }
+  }
+  for (int64_t g = 0; g < count; ++g)
+    for (int64_t j = 0; j < nv; ++j)
+      store16(out + (b * a.heads + h0 + g) * a.d + j * 16, _mm512_mul_ps(av[g * nv + j], _mm512_set1_ps(inv[g])));
+}
+#endif
+
+// One head, any head_dim: plain loops.
+template <typename T>
+void attend_scalar(const T* q, const T* kp, const T* vp, const bool* mask, T* out, const AttentionShape& a,
+                   int64_t b, int64_t kvh, int64_t h, std::vector<float>& sc) {
+  const int64_t d = a.d, length = a.length;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  std::vector<float> qf(d), acc(d, 0.f);
+  for (int64_t j = 0; j < d; ++j) qf[j] = to_float(q[b * a.q_stride + h * d + j]) * scale;
+  const bool* mrow = mask ? mask + b * length : nullptr;
+  float best = NEG_INF;
+  for (int64_t t = 0; t < length; ++t) {
+    if (mrow && !mrow[t]) {
+      sc[t] = NEG_INF;
+      continue;
+    }
+    const T* kr = kp + b * a.ks0 + kvh * a.ks1 + t * a.ks2;
+    float s = 0.f;
+    for (int64_t j = 0; j < d; ++j) s += qf[j] * to_float(kr[j]);
+    sc[t] = s;
+    best = std::max(best, s);
+  }
+  const float total = exp_scores(sc.data(), length, best);
+  for (int64_t t = 0; t < length; ++t) {
+    if (sc[t] == 0.f) continue;
+    const T* vr = vp + b * a.vs0 + kvh * a.vs1 + t * a.vs2;
+    for (int64_t j = 0; j < d; ++j) acc[j] += sc[t] * to_float(vr[j]);
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  for (int64_t j = 0; j < d; ++j) out[(b * a.heads + h) * d + j] = static_cast<T>(acc[j] * inv);
+}
 
 template <typename T>
-void decode_attention_rows(const T* q, int64_t q_stride, const at::Tensor& keys, const at::Tensor& values,
-                           const bool* mask, T* out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t length,
-                           int64_t d) {
+void decode_attention_rows(const T* q, const at::Tensor& keys, const at::Tensor& values, const bool* mask, T* out,
+                           const AttentionShape& a) {
   const T* kp = keys.data_ptr<T>();
   const T* vp = values.data_ptr<T>();
-  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
-  const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
-  const int64_t group = heads / kv_heads;
-  const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-  // Short contexts are a few microseconds of work per head: waking the other threads costs more.
-  const int64_t grain = heads * length < 8192 ? batch * heads : 1;
-  at::parallel_for(0, batch * heads, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(length), qf(d), acc(d);
+  const int64_t group = a.heads / a.kv_heads;
+  // Short contexts are a few microseconds of work: waking the other threads costs more.
+  const int64_t tasks = a.batch * a.kv_heads;
+  const int64_t grain = a.heads * a.length < 8192 ? tasks : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> sc(a.length * group);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / heads, h = i % heads, kvh = h / group;
-      const T* qi = q + b * q_stride + h * d;
-      const T* kbase = kp + b * ks0 + kvh * ks1;
-      const T* vbase = vp + b * vs0 + kvh * vs1;
-      const bool* mrow = mask ? mask + b * length : nullptr;
-      float best = NEG_INF;
+      const int64_t b = i / a.kv_heads, kvh = i % a.kv_heads;
 #if LLMQUANT_VNNI
-      const bool vector = d % 16 == 0 && d <= MAX_VECTOR_HEAD_DIM;
-#else
-      const bool vector = false;
-#endif
-      if (vector) {
-#if LLMQUANT_VNNI
-        const int64_t nv = d / 16;
-        __m512 qv[MAX_VECTOR_HEAD_DIM / 16], av[MAX_VECTOR_HEAD_DIM / 16];
-        for (int64_t j = 0; j < nv; ++j) {
-          qv[j] = _mm512_mul_ps(load16(qi + j * 16), _mm512_set1_ps(scale));
-          av[j] = _mm512_setzero_ps();
-        }
-        for (int64_t t = 0; t < length; ++t) {
-          if (mrow && !mrow[t]) {
-            scores[t] = NEG_INF;
-            continue;
+      if (a.d % 16 == 0 && a.d / 16 <= VECTOR_REGS) {
+        const int64_t chunk = VECTOR_REGS / (a.d / 16);
+        for (int64_t g0 = 0; g0 < group; g0 += chunk) {
+          const int64_t count = std::min(chunk, group - g0), h0 = kvh * group + g0, key = a.d / 16 * 10 + count;
+          switch (key) {  // the common head sizes (64, 128) and group chunks, unrolled
+            case 41: attend_vector<T, 4, 1>(q, kp, vp, mask, out, a, b, kvh, h0, count, sc); break;
+            case 42: attend_vector<T, 4, 2>(q, kp, vp, mask, out, a, b, kvh, h0, count, sc); break;
+            case 43: attend_vector<T, 4, 3>(q, kp, vp, mask, out, a, b, kvh, h0, count, sc); break;
+            case 44: attend_vector<T, 4, 4>(q, kp, vp, mask, out, a, b, kvh, h0, count, sc); break;
+            case 81: attend_vector<T, 8, 1>(q, kp, vp, mask, out, a, b, kvh, h0, count, sc); break;
+            case 82: attend_vector<T, 8, 2>(q, kp, vp, mask, out, a, b, kvh, h0, count, sc); break;
+            default: attend_vector<T, 0, 0>(q, kp, vp, mask, out, a, b, kvh, h0, count, sc);
           }
-          const T* kr = kbase + t * ks2;
-          __m512 sv = _mm512_mul_ps(qv[0], load16(kr));
-          for (int64_t j = 1; j < nv; ++j) sv = _mm512_fmadd_ps(qv[j], load16(kr + j * 16), sv);
-          scores[t] = _mm512_reduce_add_ps(sv);
-          best = std::max(best, scores[t]);
         }
-        float total = 0.f;
-        for (int64_t t = 0; t < length; ++t) {
-          if (scores[t] == NEG_INF) continue;
-          const float p = std::exp(scores[t] - best);
-          total += p;
-          const __m512 pv = _mm512_set1_ps(p);
-          const T* vr = vbase + t * vs2;
-          for (int64_t j = 0; j < nv; ++j) av[j] = _mm512_fmadd_ps(pv, load16(vr + j * 16), av[j]);
-        }
-        const __m512 inv = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);
-        for (int64_t j = 0; j < nv; ++j) store16(out + i * d + j * 16, _mm512_mul_ps(av[j], inv));
-#endif
         continue;
       }
-      for (int64_t j = 0; j < d; ++j) qf[j] = to_float(qi[j]) * scale;
-      for (int64_t t = 0; t < length; ++t) {
-        if (mrow && !mrow[t]) {
-          scores[t] = NEG_INF;
-          continue;
-        }
-        const T* kr = kbase + t * ks2;
-        float sc = 0.f;
-        for (int64_t j = 0; j < d; ++j) sc += qf[j] * to_float(kr[j]);
-        scores[t] = sc;
-        best = std::max(best, sc);
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float total = 0.f;
-      for (int64_t t = 0; t < length; ++t) {
-        if (scores[t] == NEG_INF) continue;
-        const float p = std::exp(scores[t] - best);
-        total += p;
-        const T* vr = vbase + t * vs2;
-        for (int64_t j = 0; j < d; ++j) acc[j] += p * to_float(vr[j]);
-      }
-      const float inv = total > 0.f ? 1.f / total : 0.f;
-      for (int64_t j = 0; j < d; ++j) out[i * d + j] = static_cast<T>(acc[j] * inv);
+#endif
+      for (int64_t g = 0; g < group; ++g) attend_scalar<T>(q, kp, vp, mask, out, a, b, kvh, kvh * group + g, sc);
     }
   });
 }
+
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
@@ -259,12 +330,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   }
   at::Tensor out = at::empty({batch, heads, d}, q.options());
   const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+  const AttentionShape shape{batch, heads, kv_heads, length, d, q.stride(0), keys.stride(0), keys.stride(1),
+                             keys.stride(2), values.stride(0), values.stride(1), values.stride(2)};
   if (q.scalar_type() == at::kBFloat16)
-    decode_attention_rows<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), q.stride(0), keys, values, mp,
-                                         out.data_ptr<c10::BFloat16>(), batch, heads, kv_heads, length, d);
+    decode_attention_rows<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), keys, values, mp, out.data_ptr<c10::BFloat16>(),
+                                         shape);
   else
-    decode_attention_rows<float>(q.data_ptr<float>(), q.stride(0), keys, values, mp, out.data_ptr<float>(), batch, heads,
-                                 kv_heads, length, d);
+    decode_attention_rows<float>(q.data_ptr<float>(), keys, values, mp, out.data_ptr<float>(), shape);
   return out;
 }
 

@@ -158,10 +158,11 @@ def test_rope_matches_transformers():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("head_dim", [64, 40])  # vector path, scalar path
-def test_decode_attention_matches_sdpa(dtype, head_dim):
+@pytest.mark.parametrize("head_dim", [64, 48, 40])  # unrolled vector path, runtime-sized vector path, scalar path
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (8, 1)])  # query heads per kv head: 3, and 8 (two chunks)
+def test_decode_attention_matches_sdpa(dtype, head_dim, heads, kv_heads):
     torch.manual_seed(7)
-    batch, heads, kv_heads, length, capacity = 2, 6, 2, 37, 64
+    batch, length, capacity = 2, 37, 64
     q = torch.randn(batch, heads, head_dim).to(dtype)
     kbuf, vbuf = torch.randn(batch, kv_heads, capacity, head_dim).to(dtype), torch.randn(batch, kv_heads, capacity, head_dim).to(dtype)
     keys, values = kbuf[:, :, :length], vbuf[:, :, :length]  # views with the buffer's strides

@@ -44,7 +44,7 @@ def test_state_dict_is_the_compressed_tensors_layout(name):
         assert sd["weight_zero_point"].shape == (192 // 8, 576 // 64)  # packed along outputs
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("rows", [1, 3, 7, 64, 300])
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_forward_matches_reference(device, name, rows):
     from llmquant.quant.kernels import select_kernel
@@ -86,11 +86,11 @@ def test_fast_cpu_kernels_are_used_where_they_apply():
     one_row = "int4_dot_cpu" if cpu_ext.fast() is not None else "int4pack_cpu"
     _, q4 = _layer("W4A16")
     q4(torch.randn(1, 576))
-    q4(torch.randn(4, 576))
+    q4(torch.randn(16, 576))
     assert {k[0] for k, v in q4._kernels.items() if v} == {one_row, "int4pack_cpu"}
     _, q8 = _layer("W8A16")
     q8(torch.randn(1, 576))
-    q8(torch.randn(4, 576))
+    q8(torch.randn(16, 576))
     assert {k[0] for k, v in q8._kernels.items() if v} == {one_row.replace("4", "8"), "int8pack_cpu"}
 
 
