@@ -2,8 +2,10 @@
 
 For the demo model as stored (bf16) and its W8A8 and W4A16 (group 64) folders, loaded in bf16
 compute: batch-1 decode tokens/s and 512-token prefill tokens/s, for
-- llmquant's engine (`serve.Engine`: the lean forward, then with `lean_forward=False`, i.e.
-  the transformers forward inside the same engine, to show what the lean forward adds);
+- llmquant's engine (`serve.Engine`: the lean forward -- on a CPU with AVX-512 VNNI the compiled
+  decode kernels and the C++ batch-1 layer loop, serve/lean_forward_cpu.py -- then with
+  `lean_forward=False`, i.e. the transformers forward inside the same engine, to show what the
+  lean forward adds; its quantized layers still use llmquant's kernels);
 - transformers `generate()` on the same loaded model object (same quantized layers);
 - llama.cpp (`llama-cpp-python`, in its own environment: benchmarks/setup_llamacpp.sh) on the
   demo model's own Q4_1 GGUF, the file our demo model is made from.
@@ -126,7 +128,38 @@ def llamacpp_runs(python: str, gguf: Path, ids: list[int]) -> tuple[float, float
 
 # ---- the run ------------------------------------------------------------------------------
 
-def measure_model(name: str, folder: Path, ids: list[int], repeats: int) -> list[dict]:
+def forward_path(engine) -> str:
+    """Which forward the engine runs: the row label says it, so a refused fast path is visible."""
+    lean = engine._lean
+    if lean is None:
+        return "lean forward refused by its probe"
+    if getattr(lean, "stack", None) is not None:
+        return "C++ decode loop"
+    return type(lean).__name__
+
+
+def cpu_description() -> str:
+    """The CPU model and the instruction sets that decide which kernels run."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX'})"
+
+
+LLAMACPP = "llama.cpp"
+
+
+def measure_model(name: str, folder: Path, ids: list[int], repeats: int, llamacpp=None) -> list[dict]:
+    """Rows for one model; `llamacpp` (a callable) joins the alternation, so each model's
+    "vs llama.cpp" compares runs taken side by side (this machine's speed drifts over minutes)."""
     from llmquant import load_model
     from serve.engine import Engine
 
@@ -136,9 +169,12 @@ def measure_model(name: str, folder: Path, ids: list[int], repeats: int) -> list
     contenders = {"llmquant engine": lambda: engine_runs(lean, ids),
                   "llmquant engine, transformers forward": lambda: engine_runs(plain, ids),
                   "transformers generate()": lambda: generate_runs(loaded.model, ids)}
+    if llamacpp is not None:
+        contenders[LLAMACPP] = llamacpp
     try:
-        for run in contenders.values():  # warm-up: kernel layouts, allocator, caches
-            run()
+        for key, run in contenders.items():  # warm-up: kernel layouts, allocator, caches
+            if key != LLAMACPP:
+                run()
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
         for _ in range(repeats):
             for key, run in contenders.items():
@@ -148,10 +184,9 @@ def measure_model(name: str, folder: Path, ids: list[int], repeats: int) -> list
         plain.shutdown()
     rows = []
     for key, runs in results.items():
-        label = key + (" (lean forward refused by its probe)" if key == "llmquant engine" and lean._lean is None
-                       else "")
+        label = key + (f" ({forward_path(lean)})" if key == "llmquant engine" else "")
         rows.append({"model": name, "runner": label, "decode_tok_s": statistics.median(r[0] for r in runs),
-                     "prefill_tok_s": statistics.median(r[1] for r in runs), "runs": runs})
+                     "prefill_tok_s": statistics.median(r[1] for r in runs), "runs": [r[:2] for r in runs]})
         print(f"{name:6s} {key:40s} decode {rows[-1]['decode_tok_s']:7.1f} tok/s, "
               f"prefill {rows[-1]['prefill_tok_s']:7.1f} tok/s", flush=True)
     return rows
@@ -160,7 +195,7 @@ def measure_model(name: str, folder: Path, ids: list[int], repeats: int) -> list
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["bf16", "W8A8", "W4A16"], choices=["bf16", "W8A8", "W4A16"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--llamacpp-python", default=LLAMACPP_PYTHON,
                         help="python of llama.cpp's environment (benchmarks/setup_llamacpp.sh); '' to skip it")
     args = parser.parse_args()
@@ -174,27 +209,29 @@ def main() -> int:
     demo = ensure_demo_model()
     ids = corpus(AutoTokenizer.from_pretrained(demo))
     rows: list[dict] = []
-    llamacpp_version = None
+    llamacpp, llamacpp_version = None, None
+    if args.llamacpp_python:
+        from llmquant.loading.demo import demo_gguf_file
+
+        gguf = demo_gguf_file()
+        llamacpp_version = llamacpp_runs(args.llamacpp_python, gguf, ids)[2]  # also its warm-up
+        llamacpp = lambda: llamacpp_runs(args.llamacpp_python, gguf, ids)[:2]  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="llmquant-speed-") as work:
         for name in args.models:
             folder = demo
             if name in QUANTIZE:
                 folder = Path(work) / name
                 quantize(demo, output=folder, verify=False, progress=False, **QUANTIZE[name])
-            rows += measure_model(name, folder, ids, args.repeats)
-    if args.llamacpp_python:
-        from llmquant.loading.demo import demo_gguf_file
-
-        gguf = demo_gguf_file()
-        runs = [llamacpp_runs(args.llamacpp_python, gguf, ids) for _ in range(args.repeats)]
-        llamacpp_version = runs[0][2]
+            rows += measure_model(name, folder, ids, args.repeats, llamacpp)
+    if llamacpp is not None:  # all its runs, from every model's alternation
+        runs = [run for r in rows if r["runner"] == LLAMACPP for run in r["runs"]]
         rows.append({"model": "Q4_1 GGUF", "runner": f"llama.cpp (llama-cpp-python {llamacpp_version})",
                      "decode_tok_s": statistics.median(r[0] for r in runs),
-                     "prefill_tok_s": statistics.median(r[1] for r in runs), "runs": [r[:2] for r in runs]})
+                     "prefill_tok_s": statistics.median(r[1] for r in runs), "runs": runs})
         print(f"llama.cpp Q4_1: decode {rows[-1]['decode_tok_s']:.1f} tok/s, prefill {rows[-1]['prefill_tok_s']:.1f}")
     import transformers
 
-    meta = {"device": f"CPU {platform.machine()} {platform.processor()}".strip(), "threads": torch.get_num_threads(),
+    meta = {"device": f"CPU {platform.machine()}, {cpu_description()}", "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__, "llmquant": llmquant.__version__,
             "llama_cpp_python": llamacpp_version, "decode_tokens": DECODE_TOKENS, "prompt_tokens": PROMPT_TOKENS,
             "prefill_tokens": PREFILL_TOKENS, "repeats": args.repeats, "command": "python " + shlex.join(sys.argv),
@@ -207,20 +244,25 @@ def write(rows: list[dict], meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     by_model: dict[str, float] = {r["model"]: r["decode_tok_s"] for r in rows if r["runner"] == "transformers generate()"}
-    llama = next((r for r in rows if r["runner"].startswith("llama.cpp")), None)
+    llama_by_model = {r["model"]: r["decode_tok_s"] for r in rows if r["runner"] == LLAMACPP}
+    llama = next((r for r in rows if r["runner"].startswith("llama.cpp (")), None)
     lines = ["# Single-stream speed on CPU (demo model, SmolLM2-135M-Instruct)", "",
              f"{meta['device']}, {meta['threads']} threads; torch {meta['torch']}, transformers "
              f"{meta['transformers']}" + (f", llama-cpp-python {meta['llama_cpp_python']}" if llama else "") + ". "
              f"Batch 1. Decode: {meta['decode_tokens']} tokens after a {meta['prompt_tokens']}-token prompt, "
              "first token excluded. Prefill: one "
-             f"{meta['prefill_tokens']}-token prompt. Medians of {meta['repeats']} alternating runs; bf16 compute.", "",
+             f"{meta['prefill_tokens']}-token prompt. Medians of {meta['repeats']} alternating runs; bf16 compute. "
+             "llama.cpp runs in each model's alternation; 'vs llama.cpp' divides by those runs' median.", "",
              "| model | runner | decode tok/s | vs generate() | vs llama.cpp | prefill tok/s |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         base = by_model.get(r["model"])
-        vs_gen = f"{r['decode_tok_s'] / base:.2f}x" if base else "—"
-        vs_llama = f"{r['decode_tok_s'] / llama['decode_tok_s']:.2f}x" if llama else "—"
-        lines.append(f"| {r['model']} | {r['runner']} | {r['decode_tok_s']:.1f} | {vs_gen} | {vs_llama} | "
+        vs_gen = f"{r['decode_tok_s'] / base:.2f}x" if base and r["runner"] != LLAMACPP else "—"
+        llama_decode = llama_by_model.get(r["model"], llama["decode_tok_s"] if llama else None)
+        vs_llama = f"{r['decode_tok_s'] / llama_decode:.2f}x" if llama_decode else "—"
+        runner = ("llama.cpp, Q4_1 GGUF (runs alternated with this model's)" if r["runner"] == LLAMACPP
+                  else r["runner"] if r is not llama else r["runner"] + ", all runs")
+        lines.append(f"| {r['model']} | {runner} | {r['decode_tok_s']:.1f} | {vs_gen} | {vs_llama} | "
                      f"{r['prefill_tok_s']:.0f} |")
     lines += ["", f"Command: `{meta['command']}` ({meta['date']}).", ""]
     (RESULTS / "speed.md").write_text("\n".join(lines))

@@ -38,16 +38,29 @@ def _build_digest() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
+def _built(name: str) -> bool:
+    """Whether torch's extension cache already holds this build (then loading takes a moment)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
+    except Exception:  # a private helper of torch's: if it moves, only the notice is lost
+        return True
+
+
 @functools.cache
 def load():
     """The compiled kernels module, or None (reason logged once)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         log.info("CPU decode kernels off (%s=0)", ENV_SWITCH)
         return None
+    name = f"llmquant_cpu_decode_{_build_digest()}"
+    if not _built(name):
+        log.warning("building llmquant's CPU decode kernels for this machine (once; about a minute)...")
     try:
         from torch.utils.cpp_extension import load as build
 
-        module = build(name=f"llmquant_cpu_decode_{_build_digest()}", sources=[str(p) for p in SOURCES],
+        module = build(name=name, sources=[str(p) for p in SOURCES],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                        verbose=False)
     except Exception as exc:  # no compiler / ninja, or a build error: torch's kernels still work
