@@ -25,7 +25,8 @@ import torch
 
 from serve import kv_cache
 from serve.detokenizer import IncrementalDetokenizer
-from serve.lean_forward import PROBE_TEXT, build_lean_forward
+from serve.lean_forward import build_lean_forward
+from serve.lean_probe import PROBE_TEXT
 from serve.events import (
     FINISH_ABORT,
     FINISH_LENGTH,

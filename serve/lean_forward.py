@@ -16,7 +16,8 @@ arithmetic, on the model's own weights (nothing is copied, except where projecti
 `LeanForward.supports(model)` says whether a model has this shape (Llama, Mistral, Qwen2 and
 SmolLM-style models with plain or statically scaled rotary embeddings); anything else keeps the
 transformers forward. The engine checks agreement on a probe input before using it
-(`check_against`), so a model that only looks the part cannot change results silently.
+(`check_against`, lean_probe.py), so a model that only looks the part cannot change results
+silently.
 """
 
 from __future__ import annotations
@@ -27,17 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from serve.lean_probe import (NOISE_MARGIN, PROBE_MAX_KL, max_mean_kl, noise_floor, probe_steps,
+                               transformers_logprobs)
+
 log = logging.getLogger("llmquant.serve")
 
 _MODEL_TYPES = {"llama", "mistral", "qwen2"}
 _STATIC_ROPE = {None, "default", "linear", "llama3"}  # tables that do not depend on the sequence length
-# Mean KL divergence (nats/token) between the two forwards' next-token distributions on the
-# probe. Real text, not arbitrary ids: on a run of rare tokens the bf16 demo model is chaotic
-# (transformers' own bf16 forward is KL 1.4 away from its float32 one there, measured), while
-# on text both bf16 forwards are KL 0.001 from float32.
-PROBE_MAX_KL = 0.01
-PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. Quantized models answer questions, "
-              "write code and summarize documents while using less memory.")
 
 
 def _rope_type(config) -> str | None:
@@ -118,25 +115,18 @@ class LeanForward:
     def check_against(self, model: nn.Module, new_cache, cache_kwarg: str, probe_ids: list[int]) -> float:
         """Prefill, then one decode step, on `probe_ids` with this forward and transformers';
         returns the larger of the two steps' mean KL divergence between them."""
-        ids = torch.tensor([probe_ids[:-1]], device=self.embed.weight.device)
-        positions = torch.arange(ids.shape[1], device=ids.device)[None]
-        last = torch.tensor([probe_ids[-1:]], device=ids.device)
-        worst = 0.0
+        cache, ours = new_cache(), []
         with torch.inference_mode():
-            ours_cache, ref_cache = new_cache(), new_cache()
-            for step_ids, step_pos in ((ids, positions), (last, positions[:, -1:] + 1)):
-                ours = self(step_ids, step_pos, None, ours_cache, True).log_softmax(-1)
-                ref = model(input_ids=step_ids, position_ids=step_pos, use_cache=True,
-                            **{cache_kwarg: ref_cache}).logits.float().log_softmax(-1)
-                kl = (ref.exp() * (ref - ours)).sum(-1).mean().item()
-                worst = max(worst, kl if kl == kl else float("inf"))  # NaN counts as disagreement
-        return worst
+            for ids, positions in probe_steps(probe_ids, self.embed.weight.device):
+                ours.append(self(ids, positions, None, cache, True).log_softmax(-1))
+        return max_mean_kl(transformers_logprobs(model, new_cache, cache_kwarg, probe_ids), ours)
 
 
 def build_lean_forward(model: nn.Module, max_positions: int, new_cache, cache_kwarg: str,
                        probe_ids: list[int]) -> LeanForward | None:
     """The lean forward for `model` if it has the shape and agrees with transformers on a probe
-    (`probe_ids`: PROBE_TEXT tokenized, at least two tokens); None (reason logged) otherwise.
+    (`probe_ids`: PROBE_TEXT tokenized, at least two tokens; lean_probe.py says how closely);
+    None (reason logged) otherwise.
     On CPU with the compiled decode kernels the CPU variant (lean_forward_cpu.py) is tried first."""
     from serve.lean_forward_cpu import CpuLeanForward
 
@@ -145,14 +135,20 @@ def build_lean_forward(model: nn.Module, max_positions: int, new_cache, cache_kw
                  type(model).__name__)
         return None
     candidates = ([CpuLeanForward] if CpuLeanForward.available(model) else []) + [LeanForward]
-    chosen = None
+    chosen, allowed, floor = None, PROBE_MAX_KL, None
     for cls in candidates:
         lean = cls(model, max_positions)
         error = lean.check_against(model, new_cache, cache_kwarg, probe_ids)
-        if error <= PROBE_MAX_KL:
+        if error > allowed and floor is None:  # is this model this sensitive to rounding by itself?
+            floor = noise_floor(model, new_cache, cache_kwarg, probe_ids)
+            allowed = max(PROBE_MAX_KL, NOISE_MARGIN * floor)
+            log.info("lean forward probe: KL %.3g; transformers' own noise floor %.3g, bound %.3g",
+                     error, floor, allowed)
+        if error <= allowed:
             chosen = lean
             break
-        log.warning("%s disagrees with transformers on a probe (KL %.3g nats/token)", cls.__name__, error)
+        log.warning("%s disagrees with transformers on a probe (KL %.3g nats/token, bound %.3g)",
+                    cls.__name__, error, allowed)
     # The probe ran transformers' forward: drop the kernel layouts it derived for the unfused
     # projections (the lean forward uses the fused ones), so they do not hold memory.
     keep = [part for layer in chosen.layers for part in layer] if chosen is not None else []

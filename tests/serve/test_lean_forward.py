@@ -6,6 +6,7 @@ import torch
 
 from serve import kv_cache
 from serve.lean_forward import LeanForward, build_lean_forward, fuse_linears
+from serve.lean_probe import NOISE_MARGIN, PROBE_MAX_KL, noise_floor
 
 
 def _hf_step(model, ids, positions, mask, cache):
@@ -87,7 +88,6 @@ def test_a_model_that_disagrees_is_refused(tiny_model_dir, tiny_loaded):
     """The probe tells a lean forward that computes something else (here: RMSNorm epsilon) apart."""
     from llmquant import load_model
     from serve.engine import _cache_kwarg, _probe_ids
-    from serve.lean_forward import PROBE_MAX_KL
 
     model = load_model(tiny_model_dir, dtype="float32").model
     for norm in [model.model.norm] + [n for layer in model.model.layers
@@ -97,4 +97,18 @@ def test_a_model_that_disagrees_is_refused(tiny_model_dir, tiny_loaded):
     probe = _probe_ids(tiny_loaded.tokenizer)
     assert lean.check_against(model, kv_cache.new_cache, _cache_kwarg(model), probe) < 1e-6
     lean.eps = 1e-6
-    assert lean.check_against(model, kv_cache.new_cache, _cache_kwarg(model), probe) > PROBE_MAX_KL
+    wrong = lean.check_against(model, kv_cache.new_cache, _cache_kwarg(model), probe)
+    assert wrong > PROBE_MAX_KL
+    # The bound can rise with the model's own sensitivity to rounding, but not to this.
+    floor = noise_floor(model, kv_cache.new_cache, _cache_kwarg(model), probe)
+    assert wrong > NOISE_MARGIN * floor
+
+
+def test_noise_floor_of_an_ordinary_model_leaves_the_bound_alone(tiny_model_dir, tiny_loaded):
+    """A one-bf16-step perturbation moves a bf16 model's outputs, but far less than the bound."""
+    from llmquant import load_model
+    from serve.engine import _cache_kwarg, _probe_ids
+
+    model = load_model(tiny_model_dir, dtype="bfloat16").model
+    floor = noise_floor(model, kv_cache.new_cache, _cache_kwarg(model), _probe_ids(tiny_loaded.tokenizer))
+    assert 0 < floor < PROBE_MAX_KL / NOISE_MARGIN / 10, floor
