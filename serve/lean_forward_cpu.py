@@ -77,10 +77,12 @@ def _projection(ext, module: nn.Module, dtype):
 class CpuLeanForward(LeanForward):
     @staticmethod
     def available(model: nn.Module) -> bool:
-        """On CPU with the compiled kernels (AVX-512 VNNI), for a model LeanForward supports."""
-        param = next(model.parameters(), None)
-        return (param is not None and param.device.type == "cpu" and cpu_ext.fast() is not None
-                and LeanForward.supports(model))
+        """On CPU with the compiled kernels (AVX-512 VNNI), for a bf16 or float32 model that
+        LeanForward supports (the kernels have no float16 paths)."""
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        weight = getattr(embed, "weight", None)
+        return (weight is not None and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
+                and LeanForward.supports(model) and cpu_ext.fast() is not None)
 
     def __init__(self, model: nn.Module, max_positions: int):
         super().__init__(model, max_positions)

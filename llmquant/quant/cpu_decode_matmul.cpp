@@ -92,6 +92,18 @@ void check_rows(const at::Tensor& x2) {
               "activations must be float32 or bfloat16");
 }
 
+// A few-row matmul's operands: x as (M, K) rows, the bias in x's dtype (undefined if none), and
+// the output (..., N) in x's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> matmul_io(const at::Tensor& x, int64_t n_out,
+                                                         const c10::optional<at::Tensor>& bias) {
+  at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  check_rows(x2);
+  at::Tensor b = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n_out;
+  return {x2, b, at::empty(shape, x.options())};
+}
+
 template <typename T>
 QuantizedRows quantize_input(const at::Tensor& x2, bool unsigned_copy, int64_t mode = PER_BLOCK,
                              double static_scale = 0.0) {
@@ -266,12 +278,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
               scale.numel() == n_out * (k / BLOCK), "bad 4-bit scales");
   TORCH_CHECK(!offset.has_value() || (offset->scalar_type() == at::kInt && offset->is_contiguous() &&
                                       offset->numel() == scale.numel()), "bad 4-bit offsets");
-  at::Tensor x2 = x.reshape({-1, k}).contiguous();
-  check_rows(x2);
-  at::Tensor b = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n_out;
-  at::Tensor out = at::empty(shape, x.options());
+  auto [x2, b, out] = matmul_io(x, n_out, bias);
   if (x.scalar_type() == at::kBFloat16)
     int4_dispatch<c10::BFloat16>(x2, packed, scale, offset, b, out);
   else
@@ -383,12 +390,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == n_out && scale.is_contiguous() &&
               wsum.scalar_type() == at::kInt && wsum.numel() == n_out * (k / BLOCK) && wsum.is_contiguous(),
               "bad 8-bit scales");
-  at::Tensor x2 = x.reshape({-1, k}).contiguous();
-  check_rows(x2);
-  at::Tensor b = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n_out;
-  at::Tensor out = at::empty(shape, x.options());
+  auto [x2, b, out] = matmul_io(x, n_out, bias);
   if (x.scalar_type() == at::kBFloat16) {
     auto a = quantize_input<c10::BFloat16>(x2, LLMQUANT_VNNI, activation_scales, static_scale);
     int8_rows<c10::BFloat16>(a, x2.size(0), k, weight.data_ptr<int8_t>(), scale.data_ptr<float>(),
@@ -480,14 +482,9 @@ at::Tensor int8_linear_float(const at::Tensor& x, const at::Tensor& weight, cons
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == k && weight.scalar_type() == at::kChar &&
               weight.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == n_out &&
               scale.is_contiguous(), "bad 8-bit weight or scale");
-  at::Tensor x2 = x.reshape({-1, k}).contiguous();
-  check_rows(x2);
+  auto [x2, b, out] = matmul_io(x, n_out, bias);
   const int64_t rows = x2.size(0);
   std::vector<float> xf(rows * k);
-  at::Tensor b = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n_out;
-  at::Tensor out = at::empty(shape, x.options());
   if (x.scalar_type() == at::kBFloat16) {
     const c10::BFloat16* src = x2.data_ptr<c10::BFloat16>();
     for (int64_t i = 0; i < rows * k; ++i) xf[i] = static_cast<float>(src[i]);

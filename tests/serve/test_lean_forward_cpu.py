@@ -114,3 +114,11 @@ def test_engine_builds_it_on_cpu(tiny_model_dir):
         assert type(engine._lean) is CpuLeanForward
     finally:
         engine.shutdown()
+
+
+def test_float16_models_keep_the_torch_path(tiny_model_dir):
+    """The compiled kernels have no float16 paths: such a model is not offered to them."""
+    from llmquant import load_model
+
+    assert CpuLeanForward.available(load_model(tiny_model_dir, dtype="bfloat16").model)
+    assert not CpuLeanForward.available(load_model(tiny_model_dir, dtype="float16").model)
