@@ -13,11 +13,13 @@ per layer) matters as much as the kernels. Here a layer is:
 For one sequence and one new token (batch-1 decode) the whole layer loop runs in C++
 (`DecodeStack` in cpu_decode_stack.cpp) on the layers' one-row kernels (the int8-dot kernels of
 kernels.py, or a float matmul for float layers), chosen once here instead of per call; the
-loop above is the Python form of the same step, used for several rows. The lm_head, when it is a float Linear (it usually is: tied
-to the embeddings and kept out of quantization), also gets an INT8 per-row copy for one to
-eight rows, as llama.cpp keeps its output matrix in Q8_0: it is the largest single matrix of a
-small model (49152 x 576 in the demo model: 56 MB of bf16 read per token, 28 MB as int8). Only
-16-bit heads get it; a float32 model keeps its exact logits.
+loop above is the Python form of the same step, used for several rows.
+
+The lm_head, when it is a float Linear (it usually is: tied to the embeddings and kept out of
+quantization), also gets an INT8 per-row copy for one to eight rows, as llama.cpp keeps its
+output matrix in Q8_0: it is the largest single matrix of a small model (49152 x 576 in the
+demo model: 56 MB of bf16 read per token, 28 MB as int8). Only 16-bit heads get it; a float32
+model keeps its exact logits.
 
 Prefill (many rows) keeps the matmul kernels QuantizedLinear picks and SDPA attention. The
 engine checks this forward against transformers' on a probe before using it, as it does for
@@ -87,7 +89,7 @@ class CpuLeanForward(LeanForward):
     def __init__(self, model: nn.Module, max_positions: int):
         super().__init__(model, max_positions)
         self.ext = cpu_ext.fast()
-        dtype, device = self.embed.weight.dtype, self.embed.weight.device
+        dtype = self.embed.weight.dtype
         self.eps_per_layer = [(float(layer.input_layernorm.variance_epsilon),
                                float(layer.post_attention_layernorm.variance_epsilon)) for layer in model.model.layers]
         self.stack = self._decode_stack(dtype)

@@ -106,6 +106,8 @@ def apply_penalties(logits: Tensor, counts: dict[int, int], params: SamplingPara
 def choose_token(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """The next token from one row of float32 logits (V,), after penalties."""
     if params.greedy:
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:  # numpy: 5 us for 49k logits, torch 70
+            return int(logits.numpy().argmax())
         return int(torch.argmax(logits))
     scaled = logits / params.temperature
     if params.top_k and params.top_k < scaled.numel():

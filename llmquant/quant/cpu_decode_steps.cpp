@@ -85,7 +85,8 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t inter) {
 #if LLMQUANT_VNNI
       for (; i + 16 <= inter; i += 16) {
         const __m512 gv = load16(g + i);
-        const __m512 act = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        const __m512 act = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
         store16(out + r * inter + i, _mm512_mul_ps(round16(act, g), load16(u + i)));
       }
 #endif

@@ -38,6 +38,19 @@ def _build_digest() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
+def _ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the ninja package installed with llmquant puts it in the
+    environment's bin folder, which is not on PATH when the environment is not activated."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    path = os.environ.get("PATH", "")
+    if bin_dir and bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = path + os.pathsep + bin_dir if path else bin_dir
+
+
 def _built(name: str) -> bool:
     """Whether torch's extension cache already holds this build (then loading takes a moment)."""
     try:
@@ -54,6 +67,7 @@ def load():
     if os.environ.get(ENV_SWITCH, "1") == "0":
         log.info("CPU decode kernels off (%s=0)", ENV_SWITCH)
         return None
+    _ninja_on_path()
     name = f"llmquant_cpu_decode_{_build_digest()}"
     if not _built(name):
         log.warning("building llmquant's CPU decode kernels for this machine (once; about a minute)...")

@@ -24,7 +24,10 @@ def _round_activations(x: torch.Tensor, mode: str, static: float = 0.0) -> torch
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.round((blocks.float() / scale.float()).double()).clamp(-128, 127)
         return (q * scale).reshape(x.shape)
-    scale = (xf.float().abs().amax(-1, keepdim=True) / 127.0).double() if mode == "row" else torch.tensor(static).double()
+    if mode == "row":
+        scale = (xf.float().abs().amax(-1, keepdim=True) / 127.0).double()
+    else:
+        scale = torch.tensor(static).double()
     q = torch.round((xf.float() / scale.float()).double()).clamp(-128, 127)
     return q * scale
 
@@ -64,7 +67,8 @@ def test_int4_linear_bf16_and_leading_dims():
     scale = torch.rand(64, 2) * 0.02 + 0.001
     x = torch.randn(1, 1, 128).to(torch.bfloat16)
     out = ext.int4_linear(x, _pack_int4(q), scale, None, None)
-    ref = _round_activations(x.reshape(1, 128).float(), "block") @ (q.double().reshape(64, 2, 64) * scale.double()[..., None]).reshape(64, 128).t()
+    w = (q.double().reshape(64, 2, 64) * scale.double()[..., None]).reshape(64, 128)
+    ref = _round_activations(x.reshape(1, 128).float(), "block") @ w.t()
     assert out.shape == (1, 1, 64) and out.dtype == torch.bfloat16
     assert torch.allclose(out.reshape(1, 64).double(), ref, rtol=8e-3, atol=8e-3 * ref.abs().max().item())
 
@@ -164,7 +168,8 @@ def test_decode_attention_matches_sdpa(dtype, head_dim, heads, kv_heads):
     torch.manual_seed(7)
     batch, length, capacity = 2, 37, 64
     q = torch.randn(batch, heads, head_dim).to(dtype)
-    kbuf, vbuf = torch.randn(batch, kv_heads, capacity, head_dim).to(dtype), torch.randn(batch, kv_heads, capacity, head_dim).to(dtype)
+    kbuf = torch.randn(batch, kv_heads, capacity, head_dim).to(dtype)
+    vbuf = torch.randn(batch, kv_heads, capacity, head_dim).to(dtype)
     keys, values = kbuf[:, :, :length], vbuf[:, :, :length]  # views with the buffer's strides
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[0, :5] = 0  # row 0 is left-padded
@@ -187,3 +192,15 @@ def test_disabled_by_environment(monkeypatch):
         monkeypatch.delenv(cpu_ext.ENV_SWITCH)
         cpu_ext.load.cache_clear()
     assert cpu_ext.fast() is not None
+
+
+def test_the_installed_ninja_is_found_without_an_activated_environment(monkeypatch):
+    import os
+    import shutil
+
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert shutil.which("ninja") is None
+    cpu_ext._ninja_on_path()
+    assert shutil.which("ninja") is not None and os.environ["PATH"].endswith(ninja.BIN_DIR)
