@@ -3,7 +3,7 @@
 // Built on the user's machine at first use (cpu_ext.py, torch.utils.cpp_extension) with
 // -march=native, so the AVX-512 VNNI paths are compiled exactly where the CPU has them;
 // elsewhere the portable loops below compute the same numbers, and Python keeps torch's own
-// kernels (cpu_ext.fast_path() tells which).
+// kernels (cpu_ext.fast() tells which).
 //
 // Quantized matmuls follow llama.cpp's recipe for few rows: activations are rounded to int8
 // per block of 64 values (one float scale per block), and each block's dot product with the
@@ -127,8 +127,6 @@ struct Int4Weights {
 };
 
 #if LLMQUANT_VNNI
-// One activation row against R weight rows at once: R independent accumulator chains keep the
-// core busy (a single row's chain of 9-24 blocks is mostly latency).
 // Weights are read once per token, from memory, never from cache: ask for the bytes
 // PREFETCH_DISTANCE ahead of a tile as it starts, so the loads are in flight before the hardware
 // prefetcher has seen enough misses to start (it restarts at every call and every 4 KiB page).
@@ -138,6 +136,8 @@ inline void prefetch_ahead(const void* start, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
+// One activation row against R weight rows at once: R independent accumulator chains keep the
+// core busy (a single row's chain of 9-24 blocks is mostly latency).
 template <int R, typename T, typename S>
 inline void int4_tile_one_row(const QuantizedRows& a, int64_t blocks, const Int4Weights<S>& w, const T* bias,
                               T* out, int64_t n) {
