@@ -27,6 +27,7 @@ from serve import kv_cache
 from serve.detokenizer import IncrementalDetokenizer
 from serve.lean_forward import build_lean_forward
 from serve.lean_probe import PROBE_TEXT
+from serve.memory import release_freed_memory
 from serve.events import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -97,6 +98,7 @@ class Engine:
         # lean_forward.py); it is checked against the transformers forward first.
         self._lean = build_lean_forward(self.model, self.max_model_len, kv_cache.new_cache, self._cache_kwarg,
                                         _probe_ids(self.tokenizer)) if lean_forward else None
+        release_freed_memory()  # what building it freed goes back to the OS, not into the heap
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
         self._cache = None

@@ -1,0 +1,32 @@
+"""Give memory that Python and torch have freed back to the operating system.
+
+Building the engine's fast paths (the probe forwards, fused projections, kernel layouts, the
+INT8 lm_head copy) allocates several hundred MB that is freed again at once, but glibc's
+allocator keeps such freed memory in its heap: measured on the demo W4A16 model, the process
+stayed 325 MB larger than it needed to be until `malloc_trim`. Elsewhere (macOS, musl) this is
+a no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> bool:
+    """malloc_trim(0) where glibc has it; True when memory was returned."""
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
