@@ -40,14 +40,20 @@ INT8_HEAD_MAX_ROWS = 8
 
 
 class _Int8Head:
-    """A float lm_head as per-row INT8 for the few-row kernel (weights rounded to nearest,
-    scale = row max / 127)."""
+    """A float lm_head as per-row INT8 for the few-row kernel, rounded as llmquant's W8A16
+    scheme rounds a weight (the same observer and grid as `llmquant quantize`)."""
 
     def __init__(self, ext, linear: nn.Linear):
-        w = linear.weight.detach().float()
+        from llmquant.quant.observers import weight_qparams
+        from llmquant.quant.presets import PRESETS
+        from llmquant.quant.primitives import grouped_view, quantize
+
+        args = PRESETS["W8A16"].weights
+        w = linear.weight.detach()
+        scale, _ = weight_qparams(w, args, torch.float32)
         self.ext = ext
-        self.scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        self.weight = torch.round(w / self.scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.reshape(-1).contiguous()
+        self.weight = quantize(grouped_view(w.float(), args), scale, None, args).reshape(w.shape).contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach().float()
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -71,8 +77,8 @@ def _projection(ext, module: nn.Module, dtype):
     if isinstance(kernel, Int4DotCpu):
         return ext.projection(ext.INT4, [kernel.packed, kernel.scale, kernel.offset, bias])
     if isinstance(kernel, Int8DotCpu):
-        static = float(module.input_scale) if kernel.mode == ext.STATIC else 0.0
-        return ext.projection(ext.INT8, [kernel.weight, kernel.scale, kernel.wsum, bias], kernel.mode, static)
+        return ext.projection(ext.INT8, [kernel.weight, kernel.scale, kernel.wsum, bias], kernel.mode,
+                              kernel.static_scale())
     return None
 
 

@@ -2,9 +2,8 @@
 
 Building the engine's fast paths (the probe forwards, fused projections, kernel layouts, the
 INT8 lm_head copy) allocates several hundred MB that is freed again at once, but glibc's
-allocator keeps such freed memory in its heap: measured on the demo W4A16 model, the process
-stayed 325 MB larger than it needed to be until `malloc_trim`. Elsewhere (macOS, musl) this is
-a no-op.
+allocator keeps such freed memory in its heap until `malloc_trim` (a few hundred MB for the
+demo W4A16 model). Elsewhere (macOS, musl) this is a no-op.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 CPU_LOWBIT_MAX_ROWS = 64
-CPU_INT4_DOT_MAX_ROWS = 4  # our INT4 kernel vs torch's int4pack: 1.4x at 1 row, 1.1x at 4, even at 8
+CPU_INT4_DOT_MAX_ROWS = 4  # our INT4 kernel at or ahead of torch's int4pack up to 4 rows (kernels_cpu.md)
 CPU_INT8_DOT_MAX_ROWS = 1  # our INT8 kernel has a fast path for one row only
 CUDA_INT4_MAX_ROWS = 16
 SELF_CHECK_TOLERANCE = 1e-2  # relative max error; bf16 rounding alone stays well below
@@ -117,9 +117,13 @@ class Int8DotCpu:
         self.quantizes_activations = act is not None
         self.mode = self.ext.PER_BLOCK if act is None else self.ext.PER_ROW if act.dynamic else self.ext.STATIC
 
+    def static_scale(self) -> float:
+        """The calibrated activation scale for a static scheme (read per call: a state dict
+        loaded later changes it), 0 otherwise."""
+        return float(self.layer.input_scale) if self.mode == self.ext.STATIC else 0.0
+
     def __call__(self, x: Tensor) -> Tensor:
-        static = float(self.layer.input_scale) if self.mode == self.ext.STATIC else 0.0
-        return self.ext.int8_linear(x, self.weight, self.scale, self.wsum, None, self.mode, static)
+        return self.ext.int8_linear(x, self.weight, self.scale, self.wsum, None, self.mode, self.static_scale())
 
 
 class Int4PackCpu:

@@ -73,14 +73,15 @@ def test_int4_linear_bf16_and_leading_dims():
     assert torch.allclose(out.reshape(1, 64).double(), ref, rtol=8e-3, atol=8e-3 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("mode", ["block", "row", "static"])
-def test_int8_linear_equals_its_definition(mode):
+def test_int8_linear_equals_its_definition(mode, rows):
     torch.manual_seed(2)
     n, k = 136, 256
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     scale = torch.rand(n) * 0.01 + 1e-4
     wsum = q.to(torch.int32).reshape(n, -1, 64).sum(-1, dtype=torch.int32).contiguous()
-    x = torch.randn(1, k)
+    x = torch.randn(rows, k)
     static = 0.02
     code = {"block": ext.PER_BLOCK, "row": ext.PER_ROW, "static": ext.STATIC}[mode]
     out = ext.int8_linear(x, q, scale, wsum, None, code, static)
