@@ -83,14 +83,11 @@ class Engine:
         self.device = next(self.model.parameters()).device
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.max_prefill_tokens = max_prefill_tokens
+        # Sliding-window attention needs no limit here: the cache keeps every column and the
+        # window is a mask. transformers builds it from cache columns (query column minus key
+        # column below the window), and every row's tokens sit right-aligned in contiguous
+        # columns (left padding only), so a column distance is the row's position distance.
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
-        window = _sliding_window(self.model.config)
-        if window and window < limit:
-            # Our KV cache keeps every position; within the window that is exactly what sliding
-            # attention computes, beyond it it is not. Stay within it rather than differ silently.
-            log.warning("this model uses sliding-window attention (window %d): context limited to %d tokens",
-                        window, window)
-            limit = window
         self.max_model_len = min(max_model_len or limit, limit)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._cache_kwarg = _cache_kwarg(self.model)
@@ -376,15 +373,6 @@ def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], top: int):
         values, ids = torch.topk(logprobs, top, dim=-1)
         alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
     return [None] + [(c, a) for c, a in zip(chosen, alternatives)]
-
-
-def _sliding_window(config) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return None
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        return window
-    return window if getattr(config, "use_sliding_window", True) else None
 
 
 def _probe_ids(tokenizer) -> list[int]:

@@ -20,7 +20,8 @@ MIN_CAPACITY = 64
 
 
 class GrowingLayer(DynamicLayer):
-    """Keys and values (B, H, capacity, D); the first `length` columns are in use."""
+    """Keys (B, H, capacity, Dk) and values (B, Hv, capacity, Dv); the first `length` columns are
+    in use."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -50,12 +51,7 @@ class GrowingLayer(DynamicLayer):
 
     def _reserve(self, needed: int) -> None:
         capacity = max(MIN_CAPACITY, 2 * needed)
-        b, h, t, d = self._k.shape
-        k = self._k.new_zeros(b, h, capacity, d)
-        v = self._v.new_zeros(b, h, capacity, d)
-        k[:, :, :t] = self._k[:, :, :t]
-        v[:, :, :t] = self._v[:, :, :t]
-        self._k, self._v = k, v
+        self._k, self._v = _grown(self._k, capacity), _grown(self._v, capacity)
 
     def _expose(self, length: int) -> None:
         self.length = length
@@ -64,6 +60,16 @@ class GrowingLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.length
+
+
+def _grown(x: Tensor, capacity: int) -> Tensor:
+    """`x` (B, H, T, D) copied into a zeroed (B, H, capacity, D) buffer. Keys and values are
+    grown each by its own shape: they need not match (DeepSeek-V3's MLA caches a latent of
+    kv_lora_rank as "keys" and the rotary part, of another width, as "values")."""
+    b, h, t, d = x.shape
+    out = x.new_zeros(b, h, capacity, d)
+    out[:, :, :t] = x
+    return out
 
 
 def new_cache() -> Cache:

@@ -10,14 +10,16 @@ arithmetic, on the model's own weights (nothing is copied, except where projecti
   values, so the low-bit kernel runs once instead of two or three times);
 - rotary cos/sin come from a table computed once by the model's own rotary module;
 - RMSNorm is one fused op (`F.rms_norm`), attention one `scaled_dot_product_attention` call
-  with the padding/causal mask built once per step, not per layer;
+  with the padding/causal mask built once per step (once per distinct sliding window), not per
+  layer;
 - keys and values go to the engine's cache (`kv_cache.GrowingLayer`) as with transformers.
 
 `LeanForward.supports(model)` says whether a model has this shape (Llama, Mistral, Qwen2 and
-SmolLM-style models with plain or statically scaled rotary embeddings); anything else keeps the
-transformers forward. The engine checks agreement on a probe input before using it
-(`check_against`, lean_probe.py), so a model that only looks the part cannot change results
-silently.
+SmolLM-style models with plain or statically scaled rotary embeddings, full or sliding-window
+attention); anything else keeps the transformers forward. The engine checks agreement on a probe
+input before using it (`check_against`, lean_probe.py), so a model that only looks the part
+cannot change results silently. The probe is short, so what only shows on long inputs (the
+sliding window, length-dependent rotary tables) is decided by `supports`, not by the probe.
 """
 
 from __future__ import annotations
@@ -35,11 +37,29 @@ log = logging.getLogger("llmquant.serve")
 
 _MODEL_TYPES = {"llama", "mistral", "qwen2"}
 _STATIC_ROPE = {None, "default", "linear", "llama3"}  # tables that do not depend on the sequence length
+_LAYER_TYPES = {"full_attention", "sliding_attention"}  # the attention patterns __call__ reproduces
 
 
 def _rope_type(config) -> str | None:
-    scaling = getattr(config, "rope_scaling", None) or {}
+    # transformers 5 names it `rope_parameters` (`rope_scaling` is a deprecated alias): read
+    # both, so that a missing alias cannot pass a length-dependent table off as "default".
+    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if any(isinstance(value, dict) for value in scaling.values()):
+        return "per layer type"  # one table per attention type (Gemma 3): not one table
     return scaling.get("rope_type", scaling.get("type"))
+
+
+def layer_windows(config, num_layers: int, max_positions: int) -> list[int | None]:
+    """Each layer's sliding window as Llama-family models apply it (Mistral: every layer when
+    `sliding_window` is set; Qwen2: the layers `layer_types` marks), None for full attention.
+    A window of at least `max_positions` is None too: no query ever sees a key that far back."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= max_positions:
+        return [None] * num_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [window] * num_layers
+    return [window if kind == "sliding_attention" else None for kind in types]
 
 
 class LeanForward:
@@ -59,6 +79,7 @@ class LeanForward:
                 layer.post_attention_layernorm.weight, fuse_linears([mlp.gate_proj, mlp.up_proj]), mlp.down_proj,
             ))
         self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.windows = layer_windows(config, len(self.layers), max_positions)
         dtype = self.embed.weight.dtype
         positions = torch.arange(max_positions, device=self.embed.weight.device)[None]
         with torch.no_grad():
@@ -74,7 +95,10 @@ class LeanForward:
         if getattr(config, "hidden_act", "silu") != "silu" or _rope_type(config) not in _STATIC_ROPE:
             return False
         layers = getattr(inner, "layers", None)
-        if not layers:  # (sliding windows need nothing here: the engine caps the context at the window)
+        if not layers:
+            return False
+        types = getattr(config, "layer_types", None)
+        if types is not None and (len(types) != len(layers) or not set(types) <= _LAYER_TYPES):
             return False
         attn = layers[0].self_attn
         # Extra per-head norms (Qwen3-style) or attention output gating are not this shape.
@@ -93,10 +117,11 @@ class LeanForward:
         past = cache.get_seq_length() if cache is not None else 0
         x = self.embed(input_ids)
         cos, sin = self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)  # (B, 1, T, D)
-        mask = _attention_mask(attention_mask, batch, length, past, x.device)
-        causal = mask is None and length > 1 and past == 0
+        masks = {w: _attention_mask(attention_mask, batch, length, past, x.device, w) for w in set(self.windows)}
         hidden = x.shape[-1]
         for index, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(self.layers):
+            mask = masks[self.windows[index]]
+            causal = mask is None and length > 1 and past == 0
             h = F.rms_norm(x, (hidden,), ln1, self.eps)
             q, k, v = qkv(h).split(self.split, dim=-1)
             q = self._rope(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin)
@@ -136,9 +161,14 @@ def build_lean_forward(model: nn.Module, max_positions: int, new_cache, cache_kw
         return None
     candidates = ([CpuLeanForward] if CpuLeanForward.available(model) else []) + [LeanForward]
     chosen, allowed, floor = None, PROBE_MAX_KL, None
+    positions = max(max_positions, len(probe_ids))  # the rotary table must reach the probe's positions too
     for cls in candidates:
-        lean = cls(model, max_positions)
-        error = lean.check_against(model, new_cache, cache_kwarg, probe_ids)
+        try:
+            lean = cls(model, positions)
+            error = lean.check_against(model, new_cache, cache_kwarg, probe_ids)
+        except Exception:  # a shape it does not handle after all: refused, like a disagreement
+            log.warning("%s failed on the probe", cls.__name__, exc_info=True)
+            continue
         if error > allowed and floor is None:  # is this model this sensitive to rounding by itself?
             floor = noise_floor(model, new_cache, cache_kwarg, probe_ids)
             allowed = max(PROBE_MAX_KL, NOISE_MARGIN * floor)
@@ -163,18 +193,35 @@ def build_lean_forward(model: nn.Module, max_positions: int, new_cache, cache_kw
     return chosen
 
 
-def _attention_mask(mask: Tensor | None, batch: int, length: int, past: int, device) -> Tensor | None:
-    """Boolean (B, 1, T, past + T): key j visible to query t if it is a real token and not in the
-    future. None when plain causal attention (or a single new token with no padding) is exact."""
+def _attention_mask(mask: Tensor | None, batch: int, length: int, past: int, device,
+                    window: int | None = None) -> Tensor | None:
+    """Boolean (B, 1, T, past + T): key j visible to query t if it is a real token, not in the
+    future and, with a sliding `window`, less than `window` columns back (as transformers'
+    sliding_window_overlay: the engine's rows are right-aligned, so columns are positions).
+    None when plain causal attention (or a single new token with no padding) is exact."""
+    total = mask.shape[1] if mask is not None else past + length
+    if window is not None and total <= window:
+        window = None  # nothing is that far back yet
+    if mask is None and window is None and (length == 1 or past == 0):
+        return None
+    keys = torch.arange(total, device=device)[None, :]
+    queries = (total - length + torch.arange(length, device=device))[:, None]
+    visible = keys <= queries  # (T, L)
+    if window is not None:
+        visible = visible & (keys > queries - window)
     if mask is None:
-        if length == 1 or past == 0:
-            return None
-        keys = torch.arange(past + length, device=device)
-        visible = keys[None, :] <= (past + torch.arange(length, device=device))[:, None]
-        return visible[None, None].expand(batch, 1, length, past + length)
-    keys = torch.arange(mask.shape[1], device=device)
-    causal = keys[None, :] <= (mask.shape[1] - length + torch.arange(length, device=device))[:, None]  # (T, L)
-    return (mask.bool()[:, None, None, :] & causal[None, None])
+        return visible[None, None].expand(batch, 1, length, total)
+    return mask.bool()[:, None, None, :] & visible[None, None]
+
+
+def _decode_key_mask(mask: Tensor | None, batch: int, total: int, device, window: int | None) -> Tensor | None:
+    """(B, total) bool, the keys one new token (the last column) may see: `mask`'s real tokens,
+    within `window` of it when there is one. None (all of them) where `mask` is None and the
+    window does not reach back that far."""
+    if window is None or total <= window:
+        return mask
+    recent = torch.arange(total, device=device) >= total - window  # (L,) distance total - 1 - j < window
+    return recent.expand(batch, total) if mask is None else mask.bool() & recent
 
 
 class _Fused(nn.Module):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from llmquant.quant import cpu_ext
 from serve.kv_cache import GrowingLayer
-from serve.lean_forward import LeanForward, _attention_mask
+from serve.lean_forward import LeanForward, _attention_mask, _decode_key_mask
 
 INT8_HEAD_MAX_ROWS = 8
 
@@ -108,7 +108,10 @@ class CpuLeanForward(LeanForward):
         self.rotated_heads = self.heads + self.kv_heads
 
     def _decode_stack(self, dtype):
-        """The C++ layer loop for batch-1 decode, or None when a projection has no one-row kernel."""
+        """The C++ layer loop for batch-1 decode, or None when a projection has no one-row kernel
+        or the layers' sliding windows differ (the loop applies one key mask to every layer)."""
+        if len(set(self.windows)) > 1:
+            return None
         ext = self.ext
         stack = ext.DecodeStack(self.heads, self.kv_heads, self.head_dim, self.norm_weight, self.eps)
         for (ln1, *projections), (eps1, eps2) in zip(self.layers, self.eps_per_layer):
@@ -127,8 +130,9 @@ class CpuLeanForward(LeanForward):
             if layer._k.shape[-2] <= length:
                 layer._reserve(length + 1)
         x = self.embed(input_ids).contiguous()
+        mask = _decode_key_mask(attention_mask, 1, length + 1, x.device, self.windows[0])
         h = self.stack.step(x, self.cos[position_ids], self.sin[position_ids], [layer._k for layer in layers],
-                            [layer._v for layer in layers], length, attention_mask)
+                            [layer._v for layer in layers], length, mask)
         for layer in layers:
             layer._expose(length + 1)
         return self._logits(h)
@@ -149,19 +153,21 @@ class CpuLeanForward(LeanForward):
         x = self.embed(input_ids).contiguous()  # (B, T, H); the residual stream, updated in place
         cos, sin = self.cos[position_ids].contiguous(), self.sin[position_ids].contiguous()  # (B, T, D)
         decode = length == 1
-        mask = None if decode else _attention_mask(attention_mask, batch, length, past, x.device)
-        key_mask = attention_mask if decode else None
-        causal = mask is None and length > 1 and past == 0
+        # One mask per distinct window: (B, past + 1) key masks to decode, (B, 1, T, past + T) else.
+        masks = {w: _decode_key_mask(attention_mask, batch, past + 1, x.device, w) if decode
+                 else _attention_mask(attention_mask, batch, length, past, x.device, w) for w in set(self.windows)}
         q_width, kv_width = self.split[0], self.split[1]
         h = ext.rms_norm(x, self.layers[0][0], self.eps_per_layer[0][0])
         for index, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(self.layers):
+            mask = masks[self.windows[index]]
+            causal = mask is None and length > 1 and past == 0
             fused = qkv(h)  # (B, T, q + 2 kv)
             ext.rope_(fused, cos, sin, self.rotated_heads, self.head_dim)
             k = fused[..., q_width:q_width + kv_width].view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             v = fused[..., q_width + kv_width:].view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             k, v = cache.update(k, v, index)
             if decode:
-                att = ext.decode_attention(fused[:, 0, :q_width].view(batch, self.heads, self.head_dim), k, v, key_mask)
+                att = ext.decode_attention(fused[:, 0, :q_width].view(batch, self.heads, self.head_dim), k, v, mask)
             else:
                 q = fused[..., :q_width].view(batch, length, self.heads, self.head_dim).transpose(1, 2)
                 att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
