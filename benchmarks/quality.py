@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import shutil
 import subprocess
@@ -35,6 +34,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from speed import cpu_description  # noqa: E402
+
 CAL = dict(num_samples=64, seq_len=512)  # static-activation calibration: 32,768 tokens
 
 # (row name, quantize() keyword arguments)
@@ -181,7 +183,8 @@ def write(rows: list[dict], baseline: dict, meta: dict) -> None:
               "(rows without peak RAM were timed in-process). llm-compressor rows: "
               + (meta["llmcompressor"] or "not measured") + ", in its own environment, on the same "
               "calibration windows (64 x 512 tokens where calibration is used).",
-              "", f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} threads, float32 compute."]
+              "", f"Machine of the latest run: {meta['machine']} (each row's own in quality.json); "
+              f"torch {meta['torch']}, {meta['threads']} threads, float32 compute."]
     commands: dict[str, int] = {}
     for r in rows:
         commands[r.get("command", meta["command"])] = commands.get(r.get("command", meta["command"]), 0) + 1
@@ -217,7 +220,7 @@ def main() -> int:
     m = base_ppl.method
     method = f"window {m.get('window')}, stride {m.get('stride')}, token-level"
     meta = {"max_tokens": args.max_tokens, "method": method, "method_detail": m, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
+            "threads": torch.get_num_threads(), "machine": cpu_description(),
             "command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%d")}
     print(f"original: perplexity {baseline['perplexity']:.3f}", flush=True)
     rows = previous_rows(args.max_tokens) if args.only else []
@@ -227,6 +230,7 @@ def main() -> int:
     for name in dict.fromkeys(order):
         kwargs = dict(CONFIGS)[name]
         row = measure(name, kwargs, demo_dir, args.max_tokens, reference, args.lc_python)
+        row["machine"] = meta["machine"]  # rows re-measured later may come from another machine
 
         rows = [r for r in rows if r["name"] != name] + [row]
         rows.sort(key=lambda r: [n for n, _ in CONFIGS].index(r["name"]) if r["name"] in dict(CONFIGS) else 999)

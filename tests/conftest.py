@@ -87,6 +87,37 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def architecture_dir(tmp_path_factory, tiny_tokenizer):
+    """`architecture_dir(model_type)`: a tiny random `model_type` model folder (tests/architectures.py),
+    built once per session. Treat as read-only."""
+    built: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("architectures")
+
+    def get(model_type: str) -> Path:
+        if model_type not in built:
+            built[model_type] = load_test_helper("architectures").make_architecture_dir(
+                model_type, root / model_type, tiny_tokenizer)
+        return built[model_type]
+
+    return get
+
+
+def load_test_helper(name: str):
+    """tests/NAME.py as a module. The test folders are not packages (pytest runs in importlib
+    mode), so a helper is loaded by path, once."""
+    import importlib.util
+    import sys
+
+    key = f"llmquant_tests_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses look their module up while building a class
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+@pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The real demo model (SmolLM2-135M-Instruct), materialized once into the llmquant cache."""
     from llmquant.loading.demo import ensure_demo_model

@@ -2,8 +2,11 @@
 
 The model skeleton is built with parameters on the meta device (no memory, no random init);
 matched Linear modules are swapped for empty QuantizedLinear modules; then every tensor of
-the checkpoint is assigned by name. A tensor the skeleton doesn't expect, one it expects but
-the files lack, or a shape mismatch is a corrupt checkpoint, reported by name.
+the checkpoint is assigned by name. MoE experts, fused into 3-D parameters by transformers, are
+split into one Linear per expert projection first (`llmquant/arch/experts.py`), as they were when
+the model was quantized, and checkpoint names are mapped to the in-memory ones
+(`llmquant/arch/registry.py`). A tensor the skeleton doesn't expect, one it expects but the files
+lack, or a shape mismatch is a corrupt checkpoint, reported by name.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from llmquant.arch.experts import linearize
+from llmquant.arch.registry import from_checkpoint_name, model_spec, to_checkpoint_name
 from llmquant.checkpoint.ct_config import parse_quantization_config
 from llmquant.errors import CorruptCheckpointError
 from llmquant.quant.linear import QuantizedLinear
@@ -55,11 +60,14 @@ def swap_quantized_layers(model: nn.Module, quantization_config: dict, dtype: to
     """Replace the Linear modules the config quantizes with empty QuantizedLinear modules."""
     groups, ignore = parse_quantization_config(quantization_config)
     targets = [list(g.targets) for g in groups]
+    spec = model_spec(model)
     count = 0
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or matches(name, module, ignore):
+        # The config names layers as the checkpoint does; class targets ("Linear") match either way.
+        on_disk = to_checkpoint_name(name, spec)
+        if not isinstance(module, nn.Linear) or matches(on_disk, module, ignore):
             continue
-        gi = best_group(name, module, targets)
+        gi = best_group(on_disk, module, targets)
         if gi is None:
             continue
         layer = QuantizedLinear(module.in_features, module.out_features, groups[gi].scheme,
@@ -72,6 +80,8 @@ def swap_quantized_layers(model: nn.Module, quantization_config: dict, dtype: to
 def load_quantized_model(folder: Path, config: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
     folder = Path(folder)
     model = _build_skeleton(config, dtype)
+    spec = model_spec(model)
+    linearize(model, spec.experts)
     if swap_quantized_layers(model, config["quantization_config"], dtype) == 0:
         raise CorruptCheckpointError(f"The quantization_config in {folder}/config.json matches no Linear layer.")
     quantized = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantizedLinear) for b in m._buffers}
@@ -79,12 +89,13 @@ def load_quantized_model(folder: Path, config: dict, dtype: torch.dtype, device:
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for stored in f.keys():
+                key = from_checkpoint_name(stored, spec)
                 if key not in expected:
                     raise CorruptCheckpointError(
-                        f"{path.name} holds tensor {key!r}, which this model ({config.get('architectures')}) "
+                        f"{path.name} holds tensor {stored!r}, which this model ({config.get('architectures')}) "
                         "with its quantization_config does not have.")
-                t = f.get_tensor(key)
+                t = f.get_tensor(stored)
                 # Quantized buffers keep their stored dtype; float weights take the compute dtype.
                 state[key] = t if key in quantized or not t.is_floating_point() else t.to(dtype)
     try:
@@ -92,7 +103,8 @@ def load_quantized_model(folder: Path, config: dict, dtype: torch.dtype, device:
     except RuntimeError as e:
         raise CorruptCheckpointError(f"Tensors in {folder} do not fit the model: {e}") from None
     model.tie_weights()
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    missing = [to_checkpoint_name(n, spec) for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_meta]
     if missing:
         raise CorruptCheckpointError(
             f"{folder} lacks {len(missing)} tensor(s) the model needs, e.g. {', '.join(missing[:3])}.")

@@ -2,7 +2,9 @@
 
 The quantized layers' buffers already carry the format's tensor names; everything else
 (embeddings, norms, lm_head) is written back in the dtype the source checkpoint used.
-Tied weights are written once, under the name transformers expects (the embedding).
+Tied weights are written once, under the name transformers expects (the embedding). Tensor names
+are the checkpoint's, not the in-memory model's where the two differ (Mixtral's experts live under
+`block_sparse_moe` on disk and under `mlp` in transformers: `llmquant/arch/registry.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from llmquant.arch.registry import model_spec, to_checkpoint_name
 from llmquant.quant.linear import QuantizedLinear
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -29,11 +32,13 @@ def _tied_keys(model: nn.Module) -> set[str]:
 
 
 def checkpoint_tensors(model: nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors to save, by name: quantized buffers as they are, float tensors in storage_dtype."""
+    """The tensors to save, by checkpoint name: quantized buffers as they are, float tensors in
+    storage_dtype."""
     quantized_buffers = {
         f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, QuantizedLinear) for b in m._buffers
     }
     skip = _tied_keys(model)
+    spec = model_spec(model)
     out: dict[str, torch.Tensor] = {}
     seen_storage: set[int] = set()
     for key, tensor in model.state_dict().items():
@@ -46,7 +51,7 @@ def checkpoint_tensors(model: nn.Module, storage_dtype: torch.dtype) -> dict[str
         if ptr in seen_storage and tensor.numel() > 0:
             tensor = tensor.clone()  # safetensors refuses shared storage
         seen_storage.add(tensor.untyped_storage().data_ptr())
-        out[key] = tensor
+        out[to_checkpoint_name(key, spec)] = tensor
     return out
 
 
@@ -87,7 +92,7 @@ def save_quantized(model: nn.Module, tokenizer, folder: Path, quantization_confi
     """Write weights, config.json (with quantization_config), generation config and tokenizer."""
     folder = Path(folder)
     paths = write_weights(checkpoint_tensors(model, storage_dtype), folder, max_shard_bytes)
-    config = model.config.to_dict()
+    config = model.config.to_diff_dict()  # what save_pretrained writes: the fields that differ from defaults
     config["quantization_config"] = quantization_config
     config["dtype"] = str(storage_dtype).removeprefix("torch.")
     config.pop("_name_or_path", None)

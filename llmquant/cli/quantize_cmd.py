@@ -125,6 +125,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--num-samples", type=int, default=None, help="calibration samples (default 128)")
     cal.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default 512)")
     cal.add_argument("--seed", type=int, default=None, help="which windows are drawn (default 0)")
+    cal.add_argument("--moe-calibration", choices=["routed", "all"], default=None,
+                     help="MoE experts: calibrate each expert on the tokens routed to it (routed, default; an "
+                     "expert routed fewer than --min-expert-tokens falls back to every token), or every expert "
+                     "on every calibration token (all)")
+    cal.add_argument("--min-expert-tokens", type=int, default=None, metavar="N",
+                     help="with --moe-calibration routed: experts routed fewer tokens are calibrated on every "
+                     "token (default 128)")
     ver = p.add_argument_group("verification")
     ver.add_argument("--no-verify", dest="verify", action="store_false",
                      help="skip reloading the output and comparing it with the original")
@@ -175,12 +182,13 @@ def run(args: argparse.Namespace) -> int:
         text_field=args.text_field, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
         smoothquant=args.smoothquant, gptq=gptq, gptq_block_size=args.gptq_block_size,
         gptq_dampening=args.gptq_dampening, act_order=args.act_order, awq=args.awq, target_bits=args.target_bits,
-        max_ppl_increase=args.max_ppl_increase, resume=args.resume,
+        max_ppl_increase=args.max_ppl_increase, moe_calibration=args.moe_calibration,
+        min_expert_tokens=args.min_expert_tokens, resume=args.resume,
         overwrite=args.overwrite, verify=args.verify, verify_tokens=args.verify_tokens,
         push_to_hub=args.push_to_hub, private=args.private, progress=not args.quiet, **model_kwargs(args))
     report = result.report
     print(f"\n{result.recipe.name}: {result.recipe.scheme.describe()}")
-    for line in report.summary_lines():
+    for line in report.summary_lines(warnings=False):
         print(line)
     if result.verification is not None:
         print(f"verification (reloaded checkpoint vs original): {result.verification.describe()}")
@@ -191,5 +199,7 @@ def run(args: argparse.Namespace) -> int:
         from llmquant.cli.push_cmd import print_result
 
         print_result(result.push)
+    for line in report.warnings():  # last, where it is seen
+        print(line)
     sys.stdout.flush()
     return 0

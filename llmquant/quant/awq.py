@@ -24,13 +24,7 @@ from tqdm.auto import tqdm
 from llmquant.quant.args import QuantArgs
 from llmquant.quant.observers import weight_qparams
 from llmquant.quant.primitives import fake_quantize, grouped_view
-from llmquant.quant.smoothquant import (
-    Mapping,
-    SmoothingResult,
-    apply_smoothing,
-    feed_calibration,
-    find_mappings,
-)
+from llmquant.quant.smoothquant import NEVER_RAN, Mapping, SmoothingResult, feed_calibration, fold, usable_mappings
 
 SAMPLE_ROWS = 512
 MIN_VALUE = 1e-4
@@ -82,7 +76,7 @@ def _collect(model: nn.Module, mappings: list[Mapping], batches: Tensor, batch_s
             counts[key] = counts.get(key, 0) + x.shape[0]
             rows = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0])).long()
             samples[key].append(x[rows].cpu())
-        hooks.append(model.get_submodule(mp.balance[0]).register_forward_pre_hook(observe))
+        hooks.append(model.get_submodule(mp.observed).register_forward_pre_hook(observe))
     feed_calibration(model, batches, hooks, batch_size=batch_size, desc="AWQ statistics", progress=progress)
     means = {k: sums[k] / counts[k] for k in sums}
     return means, {k: torch.cat(v)[:SAMPLE_ROWS] for k, v in samples.items() if v}
@@ -92,17 +86,16 @@ def awq_model(model: nn.Module, batches: Tensor, args: QuantArgs, *, grid: int =
               batch_size: int = 4, progress: bool = True) -> SmoothingResult:
     """Search and fold AWQ scales for every mapping whose balance layers are all in `only`."""
     result = SmoothingResult(alpha="awq")
-    mappings = [m for m in find_mappings(model) if only is None or all(b in only for b in m.balance)]
+    mappings = usable_mappings(model, batches, only, result)
     means, samples = _collect(model, mappings, batches, batch_size, progress)
     for mp in tqdm(mappings, desc="AWQ scale search", unit="mapping", disable=not progress, leave=False):
+        if mp.smooth not in means:
+            result.skipped[mp.smooth] = NEVER_RAN
+            continue
         balance = [model.get_submodule(b).weight.detach() for b in mp.balance]
         alpha, _, _ = search_awq_alpha(samples[mp.smooth], balance, means[mp.smooth], args, grid)
         if alpha == 0.0:
             result.applied[mp.smooth] = 0.0  # no scaling helps this mapping; nothing to fold
             continue
-        why = apply_smoothing(model, mp, awq_scales(means[mp.smooth], alpha))
-        if why is None:
-            result.applied[mp.smooth] = alpha
-        else:
-            result.skipped[mp.smooth] = why
+        fold(model, mp, awq_scales(means[mp.smooth], alpha), alpha, result)
     return result

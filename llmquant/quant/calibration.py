@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmquant.quant.args import QuantScheme
+from llmquant.quant.expert_calibration import ExpertCalibration
 from llmquant.quant.observers import ActivationHistogram, DynamicActivationError
 
 ActivationStats = ActivationHistogram | DynamicActivationError
@@ -21,8 +22,20 @@ ActivationStats = ActivationHistogram | DynamicActivationError
 
 def observe_activations(model: nn.Module, layers: dict[str, QuantScheme], batches: Tensor, *,
                         batch_size: int = 4, progress: bool = True,
-                        description: str = "calibrating activations") -> dict[str, ActivationStats]:
-    """Observe the inputs of `layers` (name -> scheme with input activations) over `batches` (N, L)."""
+                        description: str = "calibrating activations",
+                        experts: ExpertCalibration | None = None) -> dict[str, ActivationStats]:
+    """Observe the inputs of `layers` (name -> scheme with input activations) over `batches` (N, L).
+    With `experts` (the model's MoE experts, counting), experts routed too few tokens are observed
+    again on every token in a second pass; their first statistics are discarded."""
+    stats = _observe(model, layers, batches, batch_size, progress, description)
+    again = {n: layers[n] for n in (experts.fallback() if experts is not None else ()) if n in layers}
+    if again:
+        stats.update(_observe(model, again, batches, batch_size, progress, description + " (rare experts)"))
+    return stats
+
+
+def _observe(model: nn.Module, layers: dict[str, QuantScheme], batches: Tensor, batch_size: int, progress: bool,
+             description: str) -> dict[str, ActivationStats]:
     stats: dict[str, ActivationStats] = {}
     hooks = []
     for name, scheme in layers.items():

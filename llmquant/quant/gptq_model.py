@@ -7,6 +7,10 @@ same input tensor (q/k/v after one norm, gate/up after another) share one Hessia
 they also share a scheme their weights are stacked and quantized in one GPTQ call: rows are
 independent in GPTQ, so this is the same result, computed once. Targeted layers outside the
 decoder stack (none by default) are rounded plainly, as without GPTQ.
+
+MoE experts are Linear layers like any other (llmquant/arch/experts.py): each expert's Hessian
+comes from the tokens routed to it; experts routed too few calibration tokens get a second pass
+in which they see every token (`refill`, expert_calibration.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor, nn
 
 from llmquant.quant.args import QuantScheme
 from llmquant.quant.calibration import ActivationStats
+from llmquant.quant.expert_calibration import ExpertCalibration
 from llmquant.quant.gptq import accumulate_hessian, gptq_quantize_weight
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.observers import ActivationHistogram, DynamicActivationError
@@ -44,31 +49,52 @@ def scale_dtype_for(scheme: QuantScheme, storage_dtype: torch.dtype) -> torch.dt
 class GPTQHandler:
     """The `LayerHandler` of `run_sequential` for GPTQ (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, plans: list[LayerPlan], config: GPTQConfig, storage_dtype: torch.dtype):
+    def __init__(self, model: nn.Module, plans: list[LayerPlan], config: GPTQConfig, storage_dtype: torch.dtype,
+                 *, moe_calibration: str = "routed", min_expert_tokens: int = 1, total_tokens: int = 0):
         self.model, self.config, self.storage_dtype = model, config, storage_dtype
         self.plans = {p.name: p for p in plans if p.scheme is not None}
         self.reports: dict[str, LayerReport] = {}
         self.stats: dict[str, ActivationStats] = {}
+        self.moe = (moe_calibration, min_expert_tokens, total_tokens)
+        self._experts: ExpertCalibration | None = None  # this decoder layer's MoE experts
         self._hessians: dict[str, _Hessian] = {}  # this decoder layer's, by Linear name
         self._owners: dict[str, str] = {}  # Linear name -> the name whose Hessian it shares
+        self._only: set[str] | None = None  # during a refill pass: the layers that accumulate
 
     # ---- observation -------------------------------------------------------------------------
     def attach(self, index: int, prefix: str, layer: nn.Module) -> list:
         handles = []
         last: dict = {"x": None, "owner": None}  # the input the previous hook saw, and its Hessian
-        self._hessians, self._owners = {}, {}
+        self._hessians, self._owners, self._only = {}, {}, None
+        self._experts = ExpertCalibration(layer, prefix + ".", *self.moe)
         for name, plan in self.plans.items():
             if not name.startswith(prefix + "."):
                 continue
-            act = plan.scheme.input_activations
-            if act is not None:
-                self.stats[name] = DynamicActivationError(act) if act.dynamic else ActivationHistogram(act)
+            self._new_stats(name)
             module = layer.get_submodule(name[len(prefix) + 1:])
             handles.append(module.register_forward_pre_hook(self._hook(name, last)))
         return handles
 
+    def _new_stats(self, name: str) -> None:
+        act = self.plans[name].scheme.input_activations
+        if act is not None:
+            self.stats[name] = DynamicActivationError(act) if act.dynamic else ActivationHistogram(act)
+
+    def refill(self, index: int, prefix: str, layer: nn.Module) -> bool:
+        """After the routed pass: True when some experts saw too few tokens, whose statistics are
+        then reset and collected again, from every token, in one more pass (run_sequential)."""
+        again = {n for n in self._experts.fallback() if n in self.plans}
+        for name in again:
+            self._hessians.pop(name, None)
+            self._owners.pop(name, None)
+            self._new_stats(name)
+        self._only = again
+        return bool(again)
+
     def _hook(self, name: str, last: dict):
         def observe(module: nn.Module, args: tuple) -> None:
+            if self._only is not None and name not in self._only:
+                return
             x = args[0]
             if name not in self._hessians:
                 # First batch: a layer handed the same tensor as the previous hook shares its Hessian.
@@ -85,6 +111,7 @@ class GPTQHandler:
 
     # ---- quantization ------------------------------------------------------------------------
     def finish(self, index: int, prefix: str, layer: nn.Module) -> None:
+        self._experts.finish()
         groups: dict[tuple[str, QuantScheme], list[str]] = {}
         for name in self._hessians:
             groups.setdefault((self._owners[name], self.plans[name].scheme), []).append(name)
@@ -122,9 +149,11 @@ class GPTQHandler:
         if scheme.has_static_activations:
             qlayer.input_scale.fill_(stat.scale())
         plan = self.plans[name]
+        expert_note = self._experts.note(name) if self._experts is not None else None
         entry = LayerReport(name=name, out_features=module.out_features, in_features=module.in_features,
-                            scheme=scheme.describe() + " (GPTQ)",
-                            weight_sqnr_db=sqnr_db(w, dequantized), note=plan.note)
+                            scheme=scheme.describe() + " (GPTQ)", weight_sqnr_db=sqnr_db(w, dequantized),
+                            note="; ".join(n for n in (plan.note, expert_note) if n) or None,
+                            calibration_tokens=self._experts.routed.get(name) if self._experts else None)
         entry.output_sqnr_db = output_sqnr_db(w.float(), dequantized, hessian)
         entry.add_activation_stats(stat, scheme.has_static_activations)
         self.reports[name] = entry

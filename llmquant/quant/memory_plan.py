@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.sequential import find_decoder_layers
+from llmquant.arch.layers import find_decoder_layers
 
 HEADROOM = 0.85  # of the memory available now; the rest is left to the allocator and the OS
 _GIB = 1024 ** 3
@@ -106,29 +106,47 @@ def plan_sequential(model: nn.Module, samples: int, seq_len: int, batch_size: in
     prefix, layers = find_decoder_layers(model)
     param = next(model.parameters())
     device, elem = param.device, param.element_size()
-    linears = [(f"{prefix}.0.{n}", m) for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
     config = getattr(model, "config", None)
-    width = getattr(config, "hidden_size", None) or (linears[0][1].in_features if linears else 0)
-    widest = max((m.out_features for _, m in linears), default=width)
+    per_layer = [[(f"{prefix}.{k}.{n}", m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+                 for k, layer in enumerate(layers)]
+    every = [m for linears in per_layer for _, m in linears]
+    width = getattr(config, "hidden_size", None) or (every[0].in_features if every else 0)
+    widest = max((m.out_features for m in every), default=width)
     heads = getattr(config, "num_attention_heads", 1) or 1
-    hessian = sum(4 * m.in_features ** 2 for n, m in linears if n in quantized_names)
-    linears = [m for _, m in linears]
+    # Layers differ (DeepSeek's first layers are dense, the rest MoE): the largest one sets the peak.
+    hessian = max((sum(4 * m.in_features ** 2 for n, m in linears if n in quantized_names) for linears in per_layer),
+                  default=0)
     inputs = samples * seq_len * width * elem
     rows = batch_size * seq_len
     working = rows * (4 * widest + 6 * width) * elem + batch_size * heads * seq_len * seq_len * elem
-    biggest = max((m.weight.numel() for m in linears), default=0)
+    biggest = max((m.weight.numel() for m in every), default=0)
     working += 3 * 4 * biggest * 3  # stacked q/k/v-sized weight, float32, a few copies
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    layer_params = sum(m.weight.numel() for m in linears)
+    # A MoE expert runs on its share of the tokens (experts per token / experts).
+    share = _expert_token_share(model)
+    params = sum(m.weight.numel() * share.get(id(m), 1.0) for m in every)
+    hessian_work = sum(m.in_features ** 2 * share.get(id(m), 1.0) for m in every)
     tokens = samples * seq_len
     # Two runs of each layer (observe, then propagate the quantized outputs), attention's
     # L x L products, and the Hessian products; GPTQ's own loop is small next to them.
-    flops = len(layers) * (2 * 2 * tokens * layer_params + 2 * 2 * 2 * tokens * seq_len * width
-                           + 2 * tokens * sum(m.in_features ** 2 for m in linears))
+    flops = 2 * 2 * tokens * params + len(layers) * 2 * 2 * 2 * tokens * seq_len * width + 2 * tokens * hessian_work
     seconds = flops / _matmul_rate(device, param.dtype)
     return SequentialPlan(samples=samples, seq_len=seq_len, batch_size=batch_size, width=width, layers=len(layers),
                           device=str(device), inputs_bytes=inputs, hessian_bytes=hessian, working_bytes=working,
                           model_bytes=model_bytes, available_bytes=available_memory(device), seconds_estimate=seconds)
+
+
+def _expert_token_share(model: nn.Module) -> dict[int, float]:
+    """id(Linear) -> the share of tokens it sees, for the Linear layers of MoE experts."""
+    from llmquant.arch.experts import LinearExperts
+
+    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None) or 1
+    share = {}
+    for experts in (m for m in model.modules() if isinstance(m, LinearExperts)):
+        for linear in experts.modules():
+            if isinstance(linear, nn.Linear):
+                share[id(linear)] = min(1.0, top_k / len(experts))
+    return share
 
 
 def check_plan(plan: SequentialPlan) -> None:

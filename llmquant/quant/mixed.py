@@ -101,7 +101,8 @@ class _TailRunner:
 
     @classmethod
     def build(cls, model: nn.Module, windows: Tensor) -> "_TailRunner | None":
-        from llmquant.quant.sequential import capture_first_inputs, find_decoder_layers
+        from llmquant.arch.layers import find_decoder_layers
+        from llmquant.quant.sequential import capture_first_inputs
 
         try:
             prefix, layers = find_decoder_layers(model)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from llmquant.arch.registry import DEFAULT, ROUTER_NOTE, ArchSpec, is_router, model_spec, to_checkpoint_name
 from llmquant.errors import InvalidConfigError
 from llmquant.quant.args import QuantScheme
 from llmquant.quant.recipe import Recipe
@@ -52,6 +53,9 @@ def plan_layers(recipe: Recipe, layers: list[tuple[str, nn.Linear]]) -> list[Lay
     plans: list[LayerPlan] = []
     misfits = []
     for name, module in layers:
+        if is_router(name):  # a Linear router (Qwen2-MoE's shared_expert_gate): full precision by default
+            plans.append(LayerPlan(name, module, None, ROUTER_NOTE))
+            continue
         if w.strategy == "group" and module.in_features % w.group_size:
             misfits.append((name, module))
             continue
@@ -77,19 +81,24 @@ def plan_layers(recipe: Recipe, layers: list[tuple[str, nn.Linear]]) -> list[Lay
     return plans
 
 
-def config_groups(recipe: Recipe, plans: list[LayerPlan]) -> list[tuple[QuantScheme, list[str]]]:
+def config_groups(recipe: Recipe, plans: list[LayerPlan], spec: ArchSpec = DEFAULT
+                  ) -> list[tuple[QuantScheme, list[str]]]:
     """compressed-tensors config groups: the recipe's scheme on its targets, then one group per other
     scheme (fallback or mixed-precision layers) listing its layers by name (an exact name outranks a
-    class or regex target in every reader)."""
-    groups: list[tuple[QuantScheme, list[str]]] = [(recipe.scheme, list(recipe.targets))]
+    class or regex target in every reader). Names are the checkpoint's (`spec`)."""
+    groups: list[tuple[QuantScheme, list[str]]] = [(recipe.scheme, [to_checkpoint_name(t, spec)
+                                                                    for t in recipe.targets])]
     others: dict[QuantScheme, list[str]] = {}
     for p in plans:
         if p.scheme is not None and p.scheme != recipe.scheme:
-            others.setdefault(p.scheme, []).append(p.name)
+            others.setdefault(p.scheme, []).append(to_checkpoint_name(p.name, spec))
     return groups + list(others.items())
 
 
 def unquantized_linear_names(model: nn.Module, plans: list[LayerPlan]) -> list[str]:
-    """Every Linear left in full precision, listed by name in the checkpoint's `ignore`."""
+    """Every Linear left in full precision, listed by name in the checkpoint's `ignore` (as the
+    checkpoint names it)."""
+    spec = model_spec(model)
     quantized = {p.name for p in plans if p.scheme is not None}
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    return [to_checkpoint_name(n, spec) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n not in quantized]

@@ -17,11 +17,15 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from llmquant.arch.experts import linearize
+from llmquant.arch.registry import model_spec
 from llmquant.checkpoint.atomic import atomic_directory, check_output_dir
 from llmquant.checkpoint.ct_config import build_quantization_config
 from llmquant.checkpoint.save import save_quantized
 from llmquant.errors import InvalidConfigError
 from llmquant.quant.calibration import observe_activations
+from llmquant.quant.coverage import measure_coverage
+from llmquant.quant.expert_calibration import ExpertCalibration
 from llmquant.quant.gptq_model import scale_dtype_for
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.plan import LayerPlan, auto_group_size, config_groups, plan_layers, unquantized_linear_names
@@ -64,7 +68,8 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
                  smoothquant: float | str | bool | None = None, gptq: bool | dict | GPTQConfig | None = None,
                  gptq_block_size: int | None = None, gptq_dampening: float | None = None,
                  act_order: bool | None = None, awq: bool | None = None, target_bits: float | None = None,
-                 max_ppl_increase: float | None = None) -> Recipe:
+                 max_ppl_increase: float | None = None, moe_calibration: str | None = None,
+                 min_expert_tokens: int | None = None) -> Recipe:
     """A recipe from a file / object or a preset name, with explicit arguments layered on top."""
     if recipe is not None and scheme is not None:
         raise InvalidConfigError("Pass either a recipe or a scheme, not both (a recipe names its scheme).")
@@ -107,7 +112,9 @@ def build_recipe(*, scheme: str | None = None, recipe: str | os.PathLike | Recip
         a_over.setdefault("observer", "minmax")
     cal = base.calibration
     cal_over = {k: v for k, v in dict(dataset=dataset, config_name=dataset_config, text_field=text_field,
-                                      num_samples=num_samples, seq_len=seq_len, seed=seed).items() if v is not None}
+                                      num_samples=num_samples, seq_len=seq_len, seed=seed,
+                                      moe_calibration=moe_calibration,
+                                      min_expert_tokens=min_expert_tokens).items() if v is not None}
     calibration = CalibrationConfig.from_dict({**cal.__dict__, **cal_over})
     return base.with_overrides(weights=w_over or None, input_activations=a_over or None,
                                targets=tuple(targets) if targets else None,
@@ -168,7 +175,8 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
              smoothquant: float | str | bool | None = None, gptq: bool | dict | GPTQConfig | None = None,
              gptq_block_size: int | None = None, gptq_dampening: float | None = None,
              act_order: bool | None = None, awq: bool | None = None, target_bits: float | None = None,
-             max_ppl_increase: float | None = None, resume: bool = False,
+             max_ppl_increase: float | None = None, moe_calibration: str | None = None,
+             min_expert_tokens: int | None = None, resume: bool = False,
              revision: str | None = None,
              dtype: str = "auto", device: str | None = None, allow_pickle: bool = False,
              trust_remote_code: bool = False, overwrite: bool = False, verify: bool = True,
@@ -194,7 +202,8 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                        dataset_config=dataset_config, text_field=text_field, num_samples=num_samples,
                        seq_len=seq_len, seed=seed, smoothquant=smoothquant, gptq=gptq,
                        gptq_block_size=gptq_block_size, gptq_dampening=gptq_dampening, act_order=act_order,
-                       awq=awq, target_bits=target_bits, max_ppl_increase=max_ppl_increase)
+                       awq=awq, target_bits=target_bits, max_ppl_increase=max_ppl_increase,
+                       moe_calibration=moe_calibration, min_expert_tokens=min_expert_tokens)
     if output is not None:
         check_output_dir(output, overwrite)  # before minutes of work, not after
     if push_to_hub is not None:
@@ -215,6 +224,13 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
     if loaded.quantization_config is not None:
         raise InvalidConfigError(f"{loaded.source.describe()} is already quantized; quantize its original model.")
     net, tokenizer = loaded.model, loaded.tokenizer
+    spec = model_spec(net)
+    # MoE experts held as fused 3-D parameters become one Linear per expert projection, so that
+    # every step below covers them (llmquant/arch/experts.py).
+    moe_layers = linearize(net, spec.experts)
+    if moe_layers:
+        _say(progress, f"split the experts of {moe_layers} MoE layers into per-expert Linear layers"
+                       + (f" ({spec.layout_note})" if spec.layout_note else ""))
 
     layers = list(linear_layers(net, rec.targets, rec.ignore))
     if not layers:
@@ -240,7 +256,7 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                                  only={p.name for p in plans if p.scheme}, progress=progress)
         for name, why in smoothing.skipped.items():
             _say(progress, f"  SmoothQuant skipped {name}: {why}")
-        _round_to_storage(net, set(smoothing.applied) - {p.name for p in plans if p.scheme}, loaded.source_dtype)
+        _round_to_storage(net, smoothing.touched - {p.name for p in plans if p.scheme}, loaded.source_dtype)
     if rec.awq is not None:
         from llmquant.quant.awq import awq_model
 
@@ -249,16 +265,16 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
                               only={p.name for p in plans if p.scheme}, progress=progress)
         for name, why in smoothing.skipped.items():
             _say(progress, f"  AWQ skipped {name}: {why}")
-        _round_to_storage(net, set(smoothing.applied) - {p.name for p in plans if p.scheme}, loaded.source_dtype)
+        _round_to_storage(net, smoothing.touched - {p.name for p in plans if p.scheme}, loaded.source_dtype)
     gptq_reports: dict[str, LayerReport] = {}
     if rec.gptq is not None:
         gptq_reports, gptq_stats, cal_description = _run_gptq(net, rec, plans, batches, loaded, output, resume,
                                                               progress)
         rest = [p for p in plans if p.name not in gptq_reports]
-        stats, _ = _calibrate(net, rec, rest, batches, progress)
+        stats, _, experts = _calibrate(net, rec, rest, batches, progress)
         stats.update(gptq_stats)
     else:
-        stats, cal_description = _calibrate(net, rec, plans, batches, progress)
+        stats, cal_description, experts = _calibrate(net, rec, plans, batches, progress)
     timings["calibration"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -273,13 +289,20 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
         if plan.name in gptq_reports:
             report.layers.append(gptq_reports[plan.name])
             continue
-        report.layers.append(_quantize_layer(net, plan, stats.get(plan.name), scale_dtype_pack))
+        entry = _quantize_layer(net, plan, stats.get(plan.name), scale_dtype_pack)
+        note = experts.note(plan.name) if experts is not None else None
+        if note:
+            entry.note = "; ".join(n for n in (entry.note, note) if n)
+            entry.calibration_tokens = experts.routed.get(plan.name)
+        report.layers.append(entry)
         plan.module = None  # the float layer is no longer referenced by the model; let it go
     timings["quantize"] = time.perf_counter() - t
+    report.coverage = measure_coverage(net, {p.name: p.note for p in plans if p.scheme is None and p.note},
+                                       rec.targets, rec.ignore)
 
     verification = None
     if output is not None:
-        qcfg = build_quantization_config(config_groups(rec, plans), unquantized_linear_names(net, plans))
+        qcfg = build_quantization_config(config_groups(rec, plans, spec), unquantized_linear_names(net, plans))
         verification = _save_and_verify(net, tokenizer, rec, report, qcfg, output, overwrite, loaded.source_dtype,
                                         windows, reference, timings, t_start, dtype=dtype, device=device,
                                         progress=progress)
@@ -403,7 +426,8 @@ def _run_gptq(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor, l
     from llmquant.quant import resume as resume_points
     from llmquant.quant.gptq_model import GPTQHandler
     from llmquant.quant.memory_plan import check_plan, plan_sequential
-    from llmquant.quant.sequential import capture_first_inputs, find_decoder_layers, run_sequential
+    from llmquant.arch.layers import find_decoder_layers
+    from llmquant.quant.sequential import capture_first_inputs, run_sequential
 
     cal, g = rec.calibration, rec.gptq
     description = (f"{batches.shape[0]} x {cal.seq_len} tokens from {cal.dataset} (calibration split, seed "
@@ -413,7 +437,8 @@ def _run_gptq(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor, l
     _say(progress, plan.describe())
     check_plan(plan)
     _say(progress, f"calibrating on {description}")
-    handler = GPTQHandler(net, plans, g, loaded.source_dtype)
+    handler = GPTQHandler(net, plans, g, loaded.source_dtype, moe_calibration=cal.moe_calibration,
+                          min_expert_tokens=cal.min_expert_tokens, total_tokens=batches.numel())
     _, layers = find_decoder_layers(net)
     device = next(net.parameters()).device
     inputs = capture_first_inputs(net, layers[0], batches, SEQUENTIAL_BATCH, device)
@@ -442,7 +467,7 @@ def _calibrate(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor |
     """Observe input activations where the scheme quantizes them; weight-only schemes skip this."""
     act_layers = {p.name: p.scheme for p in plans if p.scheme is not None and p.scheme.input_activations}
     if not act_layers:
-        return {}, None
+        return {}, None, None
     cal = rec.calibration
     static = any(s.has_static_activations for s in act_layers.values())
     if not static:
@@ -452,9 +477,13 @@ def _calibrate(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor |
     description = (f"{samples} x {cal.seq_len} tokens from {cal.dataset} (calibration split, seed {cal.seed}) "
                    f"for {purpose}")
     _say(progress, f"calibrating on {description}")
-    stats = observe_activations(net, act_layers, batches, progress=progress)
+    experts = ExpertCalibration(net, "", cal.moe_calibration, cal.min_expert_tokens, batches.numel())
+    try:
+        stats = observe_activations(net, act_layers, batches, progress=progress, experts=experts)
+    finally:
+        experts.finish()
     return stats, {"description": description, "num_samples": samples, "seq_len": cal.seq_len,
-                   "dataset": cal.dataset, "seed": cal.seed}
+                   "dataset": cal.dataset, "seed": cal.seed}, experts
 
 
 def _verify_windows(tokenizer, rec: Recipe, verify_tokens: int) -> torch.Tensor | None:

@@ -25,6 +25,8 @@
       num_samples: 128
       seq_len: 512
       seed: 0
+      moe_calibration: routed  # MoE experts: routed tokens (fallback below min_expert_tokens) | all
+      min_expert_tokens: 128
 
 `Recipe.to_dict()` writes every field explicitly, so `Recipe.from_dict(r.to_dict()) == r`
 and the recipe.yaml saved next to a checkpoint reproduces it exactly. Unknown keys are
@@ -47,6 +49,7 @@ from llmquant.quant.presets import PRESETS, SMOOTHQUANT_BY_DEFAULT, preset
 from llmquant.quant.targets import validate_patterns
 
 GROUP_SIZE_FALLBACKS = ("error", "channel", "skip")
+MOE_CALIBRATION_MODES = ("routed", "all")
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,24 @@ class CalibrationConfig:
     num_samples: int = 128
     seq_len: int = 512
     seed: int = 0
+    # MoE experts: statistics from the tokens routed to each expert ("routed"), or from every
+    # calibration token ("all"); in "routed", an expert routed fewer than min_expert_tokens
+    # tokens falls back to every token (expert_calibration.py).
+    moe_calibration: str = "routed"
+    min_expert_tokens: int = 128
 
     def __post_init__(self) -> None:
+        for name in ("num_samples", "seq_len", "seed", "min_expert_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidConfigError(f"calibration.{name} must be an integer, got {value!r}.")
         if self.num_samples < 1 or self.seq_len < 8:
             raise InvalidConfigError("calibration needs num_samples >= 1 and seq_len >= 8.")
+        if self.moe_calibration not in MOE_CALIBRATION_MODES:
+            raise InvalidConfigError(f"calibration.moe_calibration must be one of {', '.join(MOE_CALIBRATION_MODES)}; "
+                                     f"got {self.moe_calibration!r}.")
+        if self.min_expert_tokens < 1:
+            raise InvalidConfigError("calibration.min_expert_tokens must be at least 1.")
 
     @classmethod
     def from_dict(cls, data: dict) -> "CalibrationConfig":

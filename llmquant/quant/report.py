@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmquant.quant.coverage import Coverage
+
 REPORT_JSON = "quantization_report.json"
 REPORT_MD = "quantization_report.md"
 
@@ -30,6 +32,7 @@ class LayerReport:
     activation_threshold: float | None = None
     output_sqnr_db: float | None = None  # GPTQ: layer outputs on the calibration inputs
     note: str | None = None
+    calibration_tokens: int | None = None  # MoE experts: calibration tokens routed to the expert
 
     def add_activation_stats(self, stat, static: bool) -> None:
         """The activation columns from a layer's calibration statistics (None: weight-only);
@@ -61,6 +64,7 @@ class QuantReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     checkpoint_bytes: int | None = None
+    coverage: Coverage | None = None  # share of parameters quantized; what stayed in full precision, why
 
     def worst_first(self) -> list[LayerReport]:
         return sorted(self.layers, key=lambda r: (r.worst_sqnr, -(r.activation_clip_pct or 0.0)))
@@ -68,6 +72,7 @@ class QuantReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = [asdict(r) for r in self.worst_first()]
+        d["coverage"] = self.coverage.to_dict() if self.coverage is not None else None
         d["summary"] = self.summary_numbers()
         return _finite(d)
 
@@ -86,7 +91,11 @@ class QuantReport:
         return out
 
     # ---- human output ------------------------------------------------------------------------
-    def summary_lines(self, worst: int = 5) -> list[str]:
+    def warnings(self) -> list[str]:
+        """What the user must not miss (e.g. most of the model left unquantized)."""
+        return self.coverage.warnings() if self.coverage is not None else []
+
+    def summary_lines(self, worst: int = 5, warnings: bool = True) -> list[str]:
         s = self.summary_numbers()
         lines = [f"quantized {s['quantized_layers']} layers"
                  + (f", kept {s['full_precision_layers']} in full precision" if s["full_precision_layers"] else "")]
@@ -98,11 +107,20 @@ class QuantReport:
         if "activation_sqnr_db_mean" in s:
             lines.append(f"activation SQNR: mean {s['activation_sqnr_db_mean']:.1f} dB, "
                          f"worst {s['activation_sqnr_db_min']:.1f} dB")
+        tokens = [r.calibration_tokens for r in self.layers if r.calibration_tokens is not None]
+        if tokens:
+            fallback = sum("statistics from all" in (r.note or "") for r in self.layers)
+            tokens.sort()
+            lines.append(f"MoE experts: {min(tokens)} / {tokens[len(tokens) // 2]} / {max(tokens)} routed calibration "
+                         f"tokens (min / median / max); {fallback} expert layers calibrated on every token")
         lines.append(f"worst {min(worst, len(self.layers))} layers:")
         for r in self.worst_first()[:worst]:
             lines.append("  " + _layer_line(r))
-        for name, reason in list(self.kept_full_precision.items())[:worst]:
-            lines.append(f"  {name}: kept in full precision ({reason})")
+        if self.coverage is not None:
+            lines += self.coverage.lines() + (self.warnings() if warnings else [])  # the warning comes last
+        else:
+            for name, reason in list(self.kept_full_precision.items())[:worst]:
+                lines.append(f"  {name}: kept in full precision ({reason})")
         return lines
 
     def to_markdown(self) -> str:

@@ -22,13 +22,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from llmquant.errors import InvalidConfigError
+from llmquant.arch.layers import find_decoder_layers
 
 
 class LayerHandler(Protocol):
     def attach(self, index: int, prefix: str, layer: nn.Module) -> list: ...  # hook handles
 
     def finish(self, index: int, prefix: str, layer: nn.Module) -> None: ...
+
+    # Optional: `refill(index, prefix, layer) -> bool`, called after the statistics pass; True runs
+    # the pass once more (hooks still attached).
 
 
 @dataclass
@@ -39,20 +42,6 @@ class LayerInputs:
 
     def hidden_states(self) -> list[Tensor]:
         return [args[0] for args, _ in self.calls]
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of repeated decoder blocks: the one holding the most Linear layers."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            n = sum(isinstance(m, nn.Linear) for m in module.modules())
-            if n and (best is None or n > best[0]):
-                best = (n, name, module)
-    if best is None:
-        raise InvalidConfigError("No stack of decoder layers (a ModuleList of blocks) was found in this model; "
-                                 "sequential calibration needs one.")
-    return best[1], best[2]
 
 
 class _Captured(Exception):
@@ -112,6 +101,10 @@ def run_sequential(model: nn.Module, batches: Tensor, handler: LayerHandler, *, 
             handles = handler.attach(k, f"{prefix}.{k}", layer)
             try:
                 _run_layer(layer, inputs, keep_outputs=False)
+                # A handler may ask for one more statistics pass (MoE experts routed too few tokens).
+                refill = getattr(handler, "refill", None)
+                if refill is not None and refill(k, f"{prefix}.{k}", layer):
+                    _run_layer(layer, inputs, keep_outputs=False)
             finally:
                 for h in handles:
                     h.remove()

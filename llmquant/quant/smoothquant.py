@@ -4,7 +4,9 @@ A few input channels of some Linear layers carry values 10-100x larger than the 
 per-token INT8 scale spends its range on them. For each such channel j, dividing the
 activation by s_j and multiplying the weight column by s_j leaves the product unchanged;
 the division is folded into the module that produces the activation (the RMSNorm before
-q/k/v and gate/up, the up_proj before down_proj), so the model computes the same function.
+q/k/v and gate/up, the up_proj before down_proj; which module feeds which, for every
+architecture and for MoE experts and routers, comes from llmquant/arch/mappings.py), so the
+model computes the same function.
 With s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (Xiao et al., 2023), alpha is the migration
 strength: 0 leaves activations alone, 1 moves all of their range into the weights. The best
 alpha differs between models and between layers of one model, so `alpha="auto"` searches a
@@ -12,38 +14,26 @@ grid per mapping for the value that minimizes the balance layers' output error o
 and activations are quantized, measured on a bounded sample of real calibration inputs.
 
 The math is in `smoothing_scales` (pure); `collect_channel_absmax` feeds it from calibration
-text through hooks; `apply_smoothing` folds the scales and checks, on a probe input, that the
-producing module's output really scaled by 1/s (a norm computing (1 + w) * x, as Gemma's does,
-would not): a mapping that fails the check is reverted and reported, never applied wrongly.
+text through hooks; `usable_mappings` keeps a norm mapping only where a real forward shows its
+layers reading that norm's output; `apply_smoothing` folds the scales and checks, on a probe
+input, that a norm's output really scaled by 1/s (one computing (1 + w) * x, as Gemma's does,
+would not): a mapping that fails a check is reverted and reported, never applied wrongly.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from llmquant.arch.mappings import Mapping, check_readers, find_mappings
 from llmquant.quant.calibration import forward_for_statistics
 
-# (balance layers, smoothing module), as patterns on module names. The balance layers of one
-# mapping share one input: the smoothing module's output.
-MAPPINGS: tuple[tuple[str, str], ...] = (
-    (r"self_attn\.(q|k|v|qkv)_proj$", r"input_layernorm$"),
-    (r"mlp\.(gate|up|gate_up)_proj$", r"post_attention_layernorm$"),
-    (r"mlp\.down_proj$", r"mlp\.up_proj$"),
-)
 MIN_VALUE = 1e-5
 AUTO_ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 SAMPLE_ROWS = 512  # calibration input rows kept per mapping for the alpha search
-
-
-@dataclass
-class Mapping:
-    smooth: str
-    balance: list[str]
 
 
 @dataclass
@@ -51,6 +41,7 @@ class SmoothingResult:
     alpha: float | str
     applied: dict[str, float] = field(default_factory=dict)  # smoothing module -> alpha used
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+    touched: set[str] = field(default_factory=set)  # modules whose weights changed (smoothing + co-scaled)
 
     def to_dict(self) -> dict:
         return {"alpha": self.alpha, "applied": len(self.applied), "alphas": self.applied,
@@ -98,34 +89,13 @@ def search_alpha(x: Tensor, weights: list[Tensor], act_absmax: Tensor, scheme,
     return min(errors, key=errors.get)
 
 
-def find_mappings(model: nn.Module) -> list[Mapping]:
-    """Mappings within each decoder layer: the smoothing module and the Linear layers it feeds."""
-    modules = dict(model.named_modules())
-    mappings = []
-    for balance_pat, smooth_pat in MAPPINGS:
-        for name in modules:
-            prefix = _layer_prefix(name)
-            if not prefix or not re.search(smooth_pat, name):
-                continue
-            balance = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n.startswith(prefix)
-                       and re.search(balance_pat, n)]
-            if balance:
-                mappings.append(Mapping(name, balance))
-    return mappings
-
-
-def _layer_prefix(name: str) -> str:
-    """'model.layers.3.mlp.up_proj' -> 'model.layers.3.' (the decoder layer holding the module)."""
-    m = re.search(r"^(.*\.layers\.\d+\.)", name)
-    return m.group(1) if m else ""
-
-
 def collect_channel_absmax(model: nn.Module, mappings: list[Mapping], batches: Tensor, *,
                            batch_size: int = 4, sample_rows: int = 0, progress: bool = True
                            ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """max |x| per input channel of each mapping's balance layers (they share the input), and,
-    when sample_rows > 0, up to that many input rows per mapping (evenly spread over the
-    calibration tokens) for the alpha search."""
+    """max |x| per input channel of each mapping's activation (the input of `observed`: the balance
+    layers, or the MoE block whose experts read it), and, when sample_rows > 0, up to that many input
+    rows per mapping (evenly spread over the calibration tokens) for the alpha search. A mapping whose
+    layers never ran (an expert no calibration token was routed to) has no entry."""
     absmax: dict[str, Tensor] = {}
     samples: dict[str, list[Tensor]] = {m.smooth: [] for m in mappings}
     per_batch = max(1, sample_rows // max(1, -(-batches.shape[0] // batch_size))) if sample_rows else 0
@@ -138,7 +108,7 @@ def collect_channel_absmax(model: nn.Module, mappings: list[Mapping], batches: T
             if per_batch:
                 rows = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0])).long()
                 samples[key].append(x[rows].float().cpu())
-        hooks.append(model.get_submodule(mp.balance[0]).register_forward_pre_hook(observe))
+        hooks.append(model.get_submodule(mp.observed).register_forward_pre_hook(observe))
     feed_calibration(model, batches, hooks, batch_size=batch_size, desc="smoothquant statistics", progress=progress)
     return absmax, {k: torch.cat(v)[:sample_rows] for k, v in samples.items() if v}
 
@@ -158,38 +128,70 @@ def feed_calibration(model: nn.Module, batches: Tensor, hooks: list, *, batch_si
 
 
 def apply_smoothing(model: nn.Module, mapping: Mapping, scales: Tensor) -> str | None:
-    """Fold `scales` into the mapping; returns why it was not applied, or None when it was."""
+    """Fold `scales` into the mapping; returns why it was not applied, or None when it was.
+
+    A Linear producing the activation scales exactly with its weight rows and bias. Any other
+    module (a norm) is checked on a probe input first: Gemma's (1 + w) * x does not scale with w."""
     smooth = model.get_submodule(mapping.smooth)
     weight = getattr(smooth, "weight", None)
-    if not isinstance(weight, Tensor) or weight.shape[0] != scales.numel():
+    first, last = mapping.rows or (0, getattr(weight, "shape", (0,))[0])
+    if not isinstance(weight, Tensor) or last - first != scales.numel():
         return f"{type(smooth).__name__} has no per-channel weight to fold the scales into"
-    width = smooth.in_features if isinstance(smooth, nn.Linear) else scales.numel()
-    probe = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
-    s = scales.to(device=weight.device, dtype=torch.float32)
+    s = scales.detach().to(device=weight.device, dtype=torch.float32)
     with torch.no_grad():
-        before = smooth(probe).float()
-        saved = [p.detach().clone() for p in (weight, getattr(smooth, "bias", None)) if p is not None]
-        _divide_output(smooth, s)
-        after = smooth(probe).float()
-        if not torch.allclose(after, before / s, rtol=2e-2, atol=1e-4 * before.abs().max().item()):
-            for p, old in zip([p for p in (weight, getattr(smooth, "bias", None)) if p is not None], saved):
-                p.copy_(old)
-            return f"{type(smooth).__name__}'s output does not scale with its weight"
-        for name in mapping.balance:
-            lin = model.get_submodule(name)
-            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])  # (out, in) * (1, in)
+        if not isinstance(smooth, nn.Linear):
+            probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device,
+                                                                                                weight.dtype)
+            before = smooth(probe).float()
+            saved = [p.detach().clone() for p in (weight, getattr(smooth, "bias", None)) if p is not None]
+            _divide_output(smooth, s, first, last)
+            after = smooth(probe).float()
+            if not torch.allclose(after, before / s, rtol=2e-2, atol=1e-4 * before.abs().max().item()):
+                for p, old in zip([p for p in (weight, getattr(smooth, "bias", None)) if p is not None], saved):
+                    p.copy_(old)
+                return f"{type(smooth).__name__}'s output does not scale with its weight"
+        else:
+            _divide_output(smooth, s, first, last)
+        for name in mapping.balance + mapping.co_scaled:
+            w = model.get_submodule(name).weight
+            w.mul_(s.to(w.device, w.dtype)[None, :])  # (out, in) * (1, in)
     return None
 
 
-def _divide_output(smooth: nn.Module, s: Tensor) -> None:
+def _divide_output(smooth: nn.Module, s: Tensor, first: int, last: int) -> None:
+    """Divide output channels first..last of `smooth` (a norm's weight, or a Linear's rows) by s."""
     w = smooth.weight
     if w.ndim == 2:  # a Linear producing the activation: scale its output rows
-        w.div_(s.to(w.dtype)[:, None])
+        w[first:last].div_(s.to(w.dtype)[:, None])
     else:
-        w.div_(s.to(w.dtype))
+        w[first:last].div_(s.to(w.dtype))
     bias = getattr(smooth, "bias", None)
     if isinstance(bias, Tensor):
-        bias.div_(s.to(bias.dtype))
+        bias[first:last].div_(s.to(bias.dtype))
+
+
+def usable_mappings(model: nn.Module, batches: Tensor, only: set[str] | None, result: SmoothingResult
+                    ) -> list[Mapping]:
+    """The mappings to smooth: all balance layers are to be quantized (`only`), and the readers
+    really read the smoothing module's output (checked on the first calibration sample); the
+    others are recorded in `result.skipped`."""
+    mappings = [m for m in find_mappings(model) if only is None or all(b in only for b in m.balance)]
+    rejected = check_readers(model, mappings, batches[:1])
+    result.skipped.update(rejected)
+    return [m for m in mappings if m.smooth not in rejected]
+
+
+def fold(model: nn.Module, mapping: Mapping, scales: Tensor, alpha: float, result: SmoothingResult) -> None:
+    """apply_smoothing, with the outcome recorded in `result`."""
+    why = apply_smoothing(model, mapping, scales)
+    if why is None:
+        result.applied[mapping.smooth] = alpha
+        result.touched.update([mapping.smooth, *mapping.co_scaled])
+    else:
+        result.skipped[mapping.smooth] = why
+
+
+NEVER_RAN = "no calibration token reached it (an expert no token was routed to)"
 
 
 def smooth_model(model: nn.Module, batches: Tensor, alpha: float | str, *, scheme=None,
@@ -201,16 +203,15 @@ def smooth_model(model: nn.Module, batches: Tensor, alpha: float | str, *, schem
     """
     auto = alpha == "auto"
     result = SmoothingResult(alpha=alpha)
-    mappings = [m for m in find_mappings(model) if only is None or all(b in only for b in m.balance)]
+    mappings = usable_mappings(model, batches, only, result)
     absmax, samples = collect_channel_absmax(model, mappings, batches, sample_rows=SAMPLE_ROWS if auto else 0,
                                              progress=progress)
     for mp in tqdm(mappings, desc="smoothing", unit="mapping", disable=not progress, leave=False):
+        if mp.smooth not in absmax:
+            result.skipped[mp.smooth] = NEVER_RAN
+            continue
         balance = [model.get_submodule(b).weight.detach() for b in mp.balance]
         chosen = search_alpha(samples[mp.smooth], balance, absmax[mp.smooth], scheme) if auto else float(alpha)
         weights = torch.stack([w.abs().amax(dim=0).float().cpu() for w in balance]).amax(dim=0)  # (in,)
-        why = apply_smoothing(model, mp, smoothing_scales(absmax[mp.smooth], weights, chosen))
-        if why is None:
-            result.applied[mp.smooth] = chosen
-        else:
-            result.skipped[mp.smooth] = why
+        fold(model, mp, smoothing_scales(absmax[mp.smooth], weights, chosen), chosen, result)
     return result

@@ -57,10 +57,18 @@ def validate_patterns(patterns: Iterable[str], what: str) -> None:
 
 def linear_layers(model: nn.Module, targets: Iterable[str], ignore: Iterable[str]
                   ) -> Iterator[tuple[str, nn.Linear]]:
-    """(name, module) of the nn.Linear modules matched by `targets` and not by `ignore`."""
+    """(name, module) of the nn.Linear modules matched by `targets` and not by `ignore`. A pattern
+    may name a module as transformers does in memory or as the checkpoint does (Mixtral's
+    `mlp.experts.0.w1` is `block_sparse_moe.experts.0.w1` on disk): either matches."""
+    from llmquant.arch.registry import model_spec, to_checkpoint_name
+
     targets, ignore = list(targets), list(ignore)
+    spec = model_spec(model)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and matches(name, module, targets) and not matches(name, module, ignore):
+        if not isinstance(module, nn.Linear):
+            continue
+        names = (name, to_checkpoint_name(name, spec))
+        if any(matches(n, module, targets) for n in names) and not any(matches(n, module, ignore) for n in names):
             yield name, module
 
 

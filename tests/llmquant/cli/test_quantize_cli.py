@@ -81,3 +81,21 @@ def test_gptq_refinement_flags_reach_the_saved_recipe(tiny_model_dir, tmp_path):
     clash = run_cli("quantize", tiny_model_dir, "--scheme", "W4A16", "--no-gptq", "--gptq-refit-rounds", "1",
                     "--output", tmp_path / "x", *FAST)
     assert_clean_error(clash, "--no-gptq")
+
+
+def test_moe_summary_states_coverage_and_warns_when_experts_are_left_out(architecture_dir, tmp_path):
+    """The summary gives the share quantized and what was kept, and why; leaving the experts out
+    (most of a MoE's weights) ends the output with a warning."""
+    model = architecture_dir("mixtral")
+    full = run_cli("quantize", model, "--scheme", "W4A16", "--output", tmp_path / "all", *FAST)
+    assert full.returncode == 0, full.stderr
+    assert "quantized 86.8% of the 254,784 non-embedding parameters" in full.stdout
+    assert "model.layers.*.mlp.gate x2 (512 parameters): router, default" in full.stdout
+    assert "WARNING" not in full.stdout
+    partial = run_cli("quantize", model, "--scheme", "W4A16", "--ignore", "lm_head", "re:.*block_sparse_moe.experts.*",
+                      "--output", tmp_path / "attention-only", *FAST)
+    assert partial.returncode == 0, partial.stderr
+    lines = partial.stdout.strip().splitlines()
+    assert "model.layers.*.mlp.experts.*.w1 x8 (65,536 parameters): ignore 're:.*block_sparse_moe.experts.*' " \
+           "(--ignore)" in partial.stdout
+    assert lines[-1].startswith("WARNING: only 9.6% of the non-embedding parameters were quantized")

@@ -43,6 +43,9 @@ def test_overrides_apply_on_top_of_the_preset():
     ("quantize: {scheme: W4A16}\ncalibration: {samples: 3}", "'samples'"),
     ("quantize: {scheme: W4A16, ignore: ['re:(']}", "Invalid regular expression"),
     ("quantize: [1, 2", "not valid YAML"),
+    ("quantize: {scheme: W4A16}\ncalibration: {moe_calibration: some}", "must be one of routed, all"),
+    ("quantize: {scheme: W4A16}\ncalibration: {min_expert_tokens: 0}", "at least 1"),
+    ("quantize: {scheme: W4A16}\ncalibration: {num_samples: many}", "calibration.num_samples must be an integer"),
 ])
 def test_invalid_recipes_name_the_problem(text, phrase):
     with pytest.raises(InvalidConfigError, match=None) as e:

@@ -105,3 +105,18 @@ def test_w8a8_runs_smoothquant_unless_told_not_to():
     assert Recipe.from_yaml("quantize: {scheme: W8A8}").smoothquant.alpha == "auto"  # absent: the default
     assert Recipe.from_yaml("quantize: {scheme: W8A8}\nsmoothquant: null").smoothquant is None
     assert build_recipe(scheme="W8A8", activations="static").smoothquant.alpha == "auto"
+
+
+def test_an_up_projection_folds_in_bf16():
+    """A Linear producing the activation scales exactly with its rows: no probe check, which bf16
+    matmul rounding used to fail (so up -> down was never smoothed on bf16 models)."""
+    torch.manual_seed(0)
+    mlp = nn.Module()
+    mlp.up_proj, mlp.down_proj = nn.Linear(64, 128, bias=False), nn.Linear(128, 64, bias=False)
+    mlp.to(torch.bfloat16)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    before = mlp.down_proj(mlp.up_proj(x)).float()
+    scales = 0.5 + torch.rand(128)
+    assert apply_smoothing(mlp, Mapping("up_proj", ["down_proj"]), scales) is None
+    after = mlp.down_proj(mlp.up_proj(x)).float()
+    assert torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0) > 0.999

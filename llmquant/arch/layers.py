@@ -1,0 +1,21 @@
+"""The stack of repeated decoder blocks, found from the module graph (no name is assumed)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from llmquant.errors import InvalidConfigError
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated decoder blocks: the one holding the most Linear layers."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            n = sum(isinstance(m, nn.Linear) for m in module.modules())
+            if n and (best is None or n > best[0]):
+                best = (n, name, module)
+    if best is None:
+        raise InvalidConfigError("No stack of decoder layers (a ModuleList of blocks) was found in this model; "
+                                 "sequential calibration needs one.")
+    return best[1], best[2]
