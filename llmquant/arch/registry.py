@@ -74,11 +74,11 @@ SPECS: dict[str, ArchSpec] = {
     "deepseek_v3": ArchSpec(attention_pairs=_MLA_PAIRS),
     # gpt-oss: down reads (clamp(up) + 1) * glu(gate), not linear in up. Its bf16 checkpoints store
     # experts fused ([E, hidden, 2 * inter], gate/up interleaved); quantized ones store one Linear
-    # per expert projection, as llm-compressor and vLLM's loader name them.
+    # per expert projection, as llm-compressor writes them.
     "gpt_oss": ArchSpec(up_feeds_down_linearly=False,
                         layout_note="quantized experts are stored per expert (mlp.experts.N.gate_proj / up_proj / "
-                                    "down_proj, gate and up de-interleaved), the layout llm-compressor writes and "
-                                    "vLLM reads; the bf16 source stores them fused"),
+                                    "down_proj, gate and up de-interleaved), the layout llm-compressor writes for "
+                                    "quantized gpt-oss; the bf16 source stores them fused"),
 }
 
 
