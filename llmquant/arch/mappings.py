@@ -33,13 +33,14 @@ class Mapping:
     smooth: str  # the module whose output is the activation
     balance: list[str]  # Linear layers reading it, quantized: columns multiplied by s
     co_scaled: list[str] = field(default_factory=list)  # readers kept in full precision (routers)
-    observe: str | None = None  # the module whose input is the activation (statistics); default balance[0]
     readers: list[str] = field(default_factory=list)  # modules whose input must be smooth's output
     rows: tuple[int, int] | None = None  # only these output rows of `smooth` (up half of a fused gate_up)
 
     @property
     def observed(self) -> str:
-        return self.observe or self.balance[0]
+        """The module whose input is the activation (statistics are collected there): the first
+        reader (the MoE block, for experts), else the first balance layer (down, for up -> down)."""
+        return (self.readers or self.balance)[0]
 
 
 def find_mappings(model: nn.Module, spec: ArchSpec | None = None) -> list[Mapping]:
@@ -74,7 +75,7 @@ def _layer_mappings(modules: dict[str, nn.Module], spec: ArchSpec) -> list[Mappi
             dense = [n for n in mlp_inputs if not _in_experts(n, modules)]
             # Experts and routers see tokens gathered per expert: their input is the MLP block's.
             readers = dense if len(dense) == len(mlp_inputs) and not routers else ["mlp"]
-            out.append(Mapping(spec.mlp_norm, mlp_inputs, co_scaled=routers, observe=readers[0], readers=readers))
+            out.append(Mapping(spec.mlp_norm, mlp_inputs, co_scaled=routers, readers=readers))
     if spec.up_feeds_down_linearly:
         out += _up_down_mappings(modules)
     return out
@@ -118,41 +119,41 @@ def _weight_2d(module: nn.Module) -> Tensor | None:
 
 def _prefixed(m: Mapping, p: str) -> Mapping:
     return Mapping(p + m.smooth, [p + b for b in m.balance], [p + c for c in m.co_scaled],
-                   None if m.observe is None else p + m.observe, [p + r for r in m.readers], m.rows)
+                   [p + r for r in m.readers], m.rows)
 
 
 def check_readers(model: nn.Module, mappings: list[Mapping], ids: Tensor) -> dict[str, str]:
     """Run `ids` (1, L) through the model and return {smooth: why} for every mapping whose readers
     do not read exactly the smoothing module's output (e.g. a norm applied after attention)."""
-    outputs: dict[str, Tensor] = {}
-    verdicts: dict[str, str] = {}
-    hooks = []
-    checked = [m for m in mappings if m.readers]
-    for mp in checked:
-        def keep(module, args, output, key=mp.smooth):
-            outputs.setdefault(key, output)
+    outputs: dict[str, Tensor] = {}  # smoothing module -> its output on the probe
+    read: set[tuple[str, str]] = set()  # (smoothing module, reader) pairs confirmed
+    rejected: dict[str, str] = {}
 
-        def compare(module, args, key=mp.smooth, reader=None):
+    def keep(key: str):
+        return lambda module, args, output: outputs.setdefault(key, output)
+
+    def compare(key: str, reader: str):
+        def hook(module, args):
             x, out = args[0] if args else None, outputs.get(key)
-            same = out is not None and isinstance(x, Tensor) and (x is out or (
-                x.numel() == out.numel() and torch.equal(x.reshape(-1), out.reshape(-1))))
-            if not same:
-                verdicts.setdefault(key, f"{reader} does not read {key}'s output")
+            if out is not None and isinstance(x, Tensor) and (x is out or (
+                    x.numel() == out.numel() and torch.equal(x.reshape(-1), out.reshape(-1)))):
+                read.add((key, reader))
             else:
-                verdicts.setdefault(f"{key}\0{reader}", "")
+                rejected.setdefault(key, f"{reader} does not read {key}'s output")
+        return hook
 
-        hooks.append(model.get_submodule(mp.smooth).register_forward_hook(keep))
-        for reader in mp.readers:
-            hooks.append(model.get_submodule(reader).register_forward_pre_hook(
-                lambda m, a, key=mp.smooth, reader=reader: compare(m, a, key, reader)))
+    checked = [m for m in mappings if m.readers]
+    hooks = []
+    for mp in checked:
+        hooks.append(model.get_submodule(mp.smooth).register_forward_hook(keep(mp.smooth)))
+        hooks += [model.get_submodule(r).register_forward_pre_hook(compare(mp.smooth, r)) for r in mp.readers]
     try:
         with torch.inference_mode():
             model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    rejected = {k: v for k, v in verdicts.items() if "\0" not in k}
     for mp in checked:
-        if mp.smooth not in rejected and any(f"{mp.smooth}\0{r}" not in verdicts for r in mp.readers):
+        if mp.smooth not in rejected and any((mp.smooth, r) not in read for r in mp.readers):
             rejected[mp.smooth] = "a module reading it did not run on the probe"
     return rejected

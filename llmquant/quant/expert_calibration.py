@@ -15,6 +15,8 @@ from torch import nn
 
 from llmquant.arch.experts import LinearExperts
 
+ALL_TOKENS = "statistics from all"  # how a note says that an expert was calibrated on every token
+
 
 class ExpertCalibration:
     """Counts the tokens routed to the experts under `root` (names prefixed with `prefix`) during
@@ -63,5 +65,12 @@ class ExpertCalibration:
         routed = self.routed[linear]
         if linear in self.all_tokens:
             why = "moe_calibration: all" if routed >= self.min_tokens else f"fewer than {self.min_tokens}"
-            return f"expert: {routed} routed tokens ({why}): statistics from all {self.total_tokens} calibration tokens"
+            return f"expert: {routed} routed tokens ({why}): {ALL_TOKENS} {self.total_tokens} calibration tokens"
         return f"expert: {routed} routed calibration tokens"
+
+    def annotate(self, entry) -> None:
+        """Add an expert layer's routed count and calibration note to its LayerReport."""
+        note = self.note(entry.name)
+        if note is not None:
+            entry.note = "; ".join(n for n in (entry.note, note) if n)
+            entry.calibration_tokens = self.routed[entry.name]

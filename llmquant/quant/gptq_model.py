@@ -149,11 +149,11 @@ class GPTQHandler:
         if scheme.has_static_activations:
             qlayer.input_scale.fill_(stat.scale())
         plan = self.plans[name]
-        expert_note = self._experts.note(name) if self._experts is not None else None
         entry = LayerReport(name=name, out_features=module.out_features, in_features=module.in_features,
                             scheme=scheme.describe() + " (GPTQ)", weight_sqnr_db=sqnr_db(w, dequantized),
-                            note="; ".join(n for n in (plan.note, expert_note) if n) or None,
-                            calibration_tokens=self._experts.routed.get(name) if self._experts else None)
+                            note=plan.note)
+        if self._experts is not None:
+            self._experts.annotate(entry)
         entry.output_sqnr_db = output_sqnr_db(w.float(), dequantized, hessian)
         entry.add_activation_stats(stat, scheme.has_static_activations)
         self.reports[name] = entry

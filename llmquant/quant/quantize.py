@@ -290,10 +290,8 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
             report.layers.append(gptq_reports[plan.name])
             continue
         entry = _quantize_layer(net, plan, stats.get(plan.name), scale_dtype_pack)
-        note = experts.note(plan.name) if experts is not None else None
-        if note:
-            entry.note = "; ".join(n for n in (entry.note, note) if n)
-            entry.calibration_tokens = experts.routed.get(plan.name)
+        if experts is not None:
+            experts.annotate(entry)
         report.layers.append(entry)
         plan.module = None  # the float layer is no longer referenced by the model; let it go
     timings["quantize"] = time.perf_counter() - t

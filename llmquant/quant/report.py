@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmquant.quant.coverage import Coverage
+from llmquant.quant.expert_calibration import ALL_TOKENS
 
 REPORT_JSON = "quantization_report.json"
 REPORT_MD = "quantization_report.md"
@@ -109,7 +110,7 @@ class QuantReport:
                          f"worst {s['activation_sqnr_db_min']:.1f} dB")
         tokens = [r.calibration_tokens for r in self.layers if r.calibration_tokens is not None]
         if tokens:
-            fallback = sum("statistics from all" in (r.note or "") for r in self.layers)
+            fallback = sum(ALL_TOKENS in (r.note or "") for r in self.layers)
             tokens.sort()
             lines.append(f"MoE experts: {min(tokens)} / {tokens[len(tokens) // 2]} / {max(tokens)} routed calibration "
                          f"tokens (min / median / max); {fallback} expert layers calibrated on every token")

@@ -140,14 +140,15 @@ def apply_smoothing(model: nn.Module, mapping: Mapping, scales: Tensor) -> str |
     s = scales.detach().to(device=weight.device, dtype=torch.float32)
     with torch.no_grad():
         if not isinstance(smooth, nn.Linear):
-            probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device,
-                                                                                                weight.dtype)
+            probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0))
+            probe = probe.to(weight.device, weight.dtype)
             before = smooth(probe).float()
-            saved = [p.detach().clone() for p in (weight, getattr(smooth, "bias", None)) if p is not None]
+            params = [p for p in (weight, getattr(smooth, "bias", None)) if p is not None]
+            saved = [p.detach().clone() for p in params]
             _divide_output(smooth, s, first, last)
             after = smooth(probe).float()
             if not torch.allclose(after, before / s, rtol=2e-2, atol=1e-4 * before.abs().max().item()):
-                for p, old in zip([p for p in (weight, getattr(smooth, "bias", None)) if p is not None], saved):
+                for p, old in zip(params, saved):
                     p.copy_(old)
                 return f"{type(smooth).__name__}'s output does not scale with its weight"
         else:

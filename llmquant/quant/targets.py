@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 from torch import nn
 
+from llmquant.arch.registry import model_spec, to_checkpoint_name
 from llmquant.errors import InvalidConfigError
 
 
@@ -60,8 +61,6 @@ def linear_layers(model: nn.Module, targets: Iterable[str], ignore: Iterable[str
     """(name, module) of the nn.Linear modules matched by `targets` and not by `ignore`. A pattern
     may name a module as transformers does in memory or as the checkpoint does (Mixtral's
     `mlp.experts.0.w1` is `block_sparse_moe.experts.0.w1` on disk): either matches."""
-    from llmquant.arch.registry import model_spec, to_checkpoint_name
-
     targets, ignore = list(targets), list(ignore)
     spec = model_spec(model)
     for name, module in model.named_modules():
