@@ -34,7 +34,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def ppl(folder, eval_tokens: int) -> dict:
-    from eval import perplexity
+    from llmquant.eval import perplexity
 
     r = perplexity(folder, max_tokens=eval_tokens, progress=False)
     return {"perplexity": r.perplexity, "eval_seconds": r.seconds, "eval_dtype": r.method["dtype"]}

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmquant.quant.args import QuantArgs
-from llmquant.quant.kernels import select_kernel
+from llmquant.config.args import QuantArgs
+from llmquant.kernels.registry import select_kernel
 from llmquant.quant.linear import QuantizedLinear
-from llmquant.quant.presets import PRESETS
+from llmquant.config.presets import PRESETS
 
 RESULTS = Path(__file__).parent / "results"
 ROWS = (1, 4, 16, 64, 256, 512)
@@ -72,7 +72,7 @@ def main() -> int:
                        "selected_kernel": select_kernel(q, x).name,
                        "dequant_matmul_ms": timeit(lambda: F.linear(x, q.dequantized_weight(torch.float32)))}
                 if name == "W4A16":
-                    from llmquant.quant.kernels import Int4PackCpu
+                    from llmquant.kernels.registry import Int4PackCpu
 
                     k = Int4PackCpu(q, x.device, torch.float32)
                     row["int4pack_bf16_ms"] = timeit(lambda: k(x))

@@ -123,9 +123,9 @@ def quantize_child(kwargs_json: str, demo_dir: str, out: str) -> int:
 
 
 def measure(name: str, kwargs: dict, demo_dir: Path, max_tokens: int, reference, lc_python: str) -> dict:
-    from eval import perplexity
+    from llmquant.eval import perplexity
     from llmquant import load_model
-    from llmquant.quant.verify import compare_to_reference
+    from llmquant.quant.pipeline.verify import compare_to_reference
 
     work = Path(tempfile.mkdtemp(prefix="llmquant-bench-"))
     try:
@@ -202,11 +202,11 @@ def main() -> int:
     if args.quantize_child:
         return quantize_child(*args.quantize_child)
 
-    from eval import perplexity
+    from llmquant.eval import perplexity
     from llmquant import load_model
     from llmquant.data import evaluation_tokens
     from llmquant.loading.demo import ensure_demo_model
-    from llmquant.quant.verify import reference_logprobs
+    from llmquant.quant.pipeline.verify import reference_logprobs
 
     demo_dir = ensure_demo_model()
     original = load_model(demo_dir, dtype="float32")

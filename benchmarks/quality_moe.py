@@ -103,7 +103,7 @@ def build_moe(demo_dir: Path, moe_dir: Path, args) -> dict:
 
 def check_equal_function(demo_dir: Path, moe_dir: Path, args) -> dict:
     """Perplexity of the dense and the upcycled model on the same tokens; exits if they differ."""
-    from eval import perplexity
+    from llmquant.eval import perplexity
     from llmquant import load_model
     from llmquant.data import evaluation_tokens
 
@@ -163,7 +163,7 @@ def quantized_share(report: dict, non_embedding_params: int) -> dict:
 
 def measure(kwargs: dict, model_dir: Path, non_embedding_params: int, args) -> dict:
     """Quantize `model_dir` in a child process, reload the checkpoint as served, measure perplexity."""
-    from eval import perplexity
+    from llmquant.eval import perplexity
     from llmquant import load_model
 
     work = Path(tempfile.mkdtemp(prefix="llmquant-bench-moe-"))

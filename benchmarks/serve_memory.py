@@ -21,13 +21,13 @@ RESULTS = Path(__file__).parent / "results"
 CHILD = r"""
 import json, sys
 import psutil
-from llmquant.quant import cpu_ext
+from llmquant.kernels import cpu_ext
 cpu_ext.load()  # the kernels' own code is not the model's memory
 process = psutil.Process()
 start = process.memory_info().rss
 from llmquant import load_model
-from serve.engine import Engine
-from serve.sampling import SamplingParams
+from llmquant.serve.engine import Engine
+from llmquant.serve.sampling import SamplingParams
 loaded = load_model(sys.argv[1], dtype="bfloat16")
 after_load = process.memory_info().rss
 engine = Engine(loaded, max_batch_size=1)

@@ -53,7 +53,7 @@ def corpus(tokenizer) -> list[int]:
 
 def engine_runs(engine, ids: list[int]) -> tuple[float, float]:
     """(decode tokens/s, prefill tokens/s) through the engine, one request at a time."""
-    from serve.sampling import SamplingParams
+    from llmquant.serve.sampling import SamplingParams
 
     times = [time.perf_counter()]
     for event in engine.generate(ids[:PROMPT_TOKENS], SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0,
@@ -161,7 +161,7 @@ def measure_model(name: str, folder: Path, ids: list[int], repeats: int, llamacp
     """Rows for one model; `llamacpp` (a callable) joins the alternation, so each model's
     "vs llama.cpp" compares runs taken side by side (this machine's speed drifts over minutes)."""
     from llmquant import load_model
-    from serve.engine import Engine
+    from llmquant.serve.engine import Engine
 
     loaded = load_model(folder, dtype="bfloat16")
     lean = Engine(loaded, max_batch_size=1)

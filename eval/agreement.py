@@ -1,6 +1,6 @@
 """How closely a quantized (or distilled) model follows its base model, token by token.
 
-    from eval.agreement import agreement
+    from llmquant.eval.agreement import agreement
     result = agreement("out-w4a16/", base=None, max_tokens=8192)   # base None: the demo model
     print(result.kl_mean, result.top1_agreement)
 
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from eval.perplexity import DEFAULT_MAX_WINDOW, _check_options, _model_dtype, _resolve_model, context_length
-from eval.scoring import _accepts_logits_to_keep, model_device
-from eval.windows import batches_of_equal_shape, plan_windows
+from llmquant.eval.perplexity import DEFAULT_MAX_WINDOW, _check_options, _model_dtype, _resolve_model, context_length
+from llmquant.eval.scoring import _accepts_logits_to_keep, model_device
+from llmquant.eval.windows import batches_of_equal_shape, plan_windows
 from llmquant.data.splits import load_text_split
 from llmquant.data.tokenize import tokenize_split
 from llmquant.errors import InvalidConfigError

@@ -1,6 +1,6 @@
 """Online load against any OpenAI-compatible server: latency and throughput as vLLM measures them.
 
-    from eval.loadgen import load_test
+    from llmquant.eval.loadgen import load_test
     r = load_test("http://127.0.0.1:8000/v1", model="out", tokenizer="out/", concurrency=8,
                   num_prompts=64, input_len=128, output_len=64)
 
@@ -37,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from eval.endpoint import Endpoint, EndpointError, check_response, http_client, load_tokenizer, resolve_model_name
+from llmquant.eval.endpoint import Endpoint, EndpointError, check_response, http_client, load_tokenizer, resolve_model_name
 from llmquant.errors import InvalidConfigError
 
 PERCENTILES = (50, 90, 99)

@@ -1,6 +1,6 @@
 """Sliding-window perplexity of a causal LM on the evaluation split of a dataset.
 
-    from eval import perplexity
+    from llmquant.eval import perplexity
     result = perplexity("HuggingFaceTB/SmolLM2-135M", max_tokens=32_768)
     print(result.perplexity, result.bits_per_byte)
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from eval.scoring import model_device, score_windows
-from eval.windows import plan_windows
+from llmquant.eval.scoring import model_device, score_windows
+from llmquant.eval.windows import plan_windows
 from llmquant.data.splits import load_text_split
 from llmquant.data.tokenize import tokenize_split
 from llmquant.errors import InvalidConfigError

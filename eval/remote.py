@@ -1,6 +1,6 @@
 """Perplexity (and top-1 agreement with a local base model) of a model as a server serves it.
 
-    from eval.remote import remote_perplexity
+    from llmquant.eval.remote import remote_perplexity
     r = remote_perplexity("http://127.0.0.1:8000/v1", model="out", tokenizer="out/", max_tokens=8192)
 
 Method: the evaluation text is tokenized here, with the model's tokenizer, and cut into the
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from eval.endpoint import Endpoint, EndpointError, check_response, http_client, load_tokenizer, \
+from llmquant.eval.endpoint import Endpoint, EndpointError, check_response, http_client, load_tokenizer, \
     resolve_model_name, transport_errors
-from eval.perplexity import DEFAULT_MAX_WINDOW, _check_options
-from eval.windows import Window, plan_windows
+from llmquant.eval.perplexity import DEFAULT_MAX_WINDOW, _check_options
+from llmquant.eval.windows import Window, plan_windows
 from llmquant.data.splits import load_text_split
 from llmquant.data.tokenize import tokenize_split
 
@@ -158,7 +158,7 @@ def _scored_entries(w: Window, prompt: list[int], logprobs: dict) -> tuple[list[
 
 
 def _count_top1(base_lm, prompt: list[int], w: Window, tops: list[dict | None], decode) -> int:
-    from eval.agreement import scored_logprobs
+    from llmquant.eval.agreement import scored_logprobs
 
     n = w.num_scored
     with torch.inference_mode():
@@ -180,7 +180,7 @@ def _base_model(base: Any):
 
 
 def _token_text(tokenizer):
-    from serve.choices import TokenText  # the same per-token decoding our server reports
+    from llmquant.serve.choices import TokenText  # the same per-token decoding our server reports
 
     return TokenText(tokenizer)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from eval.windows import Window, batches_of_equal_shape
+from llmquant.eval.windows import Window, batches_of_equal_shape
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Offline throughput of a model through our generation engine (`serve.Engine`), no HTTP.
 
-    from eval.throughput import offline_throughput
+    from llmquant.eval.throughput import offline_throughput
     r = offline_throughput("out/", prefill_lengths=(128, 512, 2048), batch_sizes=(1, 8, 32))
 
 Definitions (all prompts are held-out corpus text, greedy decoding, EOS ignored):
@@ -66,7 +66,7 @@ def offline_throughput(
 ) -> ThroughputResult:
     """Prefill and decode speed, load time, memory and size of `model` (a source or a `LoadedModel`)."""
     from llmquant.loading import LoadedModel, load_model
-    from serve.engine import Engine
+    from llmquant.serve.engine import Engine
 
     if decode_tokens < 2 or prompt_tokens < 1 or any(n < 1 for n in (*prefill_lengths, *batch_sizes)):
         raise InvalidConfigError("throughput needs decode_tokens >= 2, prompt_tokens >= 1, and positive prompt "
@@ -96,7 +96,7 @@ def offline_throughput(
         prefill=prefill, decode=decode, load_seconds=load_seconds,
         checkpoint_bytes=checkpoint_bytes(loaded.source.path),
         peak_rss_bytes=rss.peak, cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-        method={"engine": "serve.Engine (continuous batching, KV cache)", "decode_tokens": decode_tokens,
+        method={"engine": "llmquant.serve.Engine (continuous batching, KV cache)", "decode_tokens": decode_tokens,
                 "prompt_tokens": prompt_tokens, "max_model_len": engine.max_model_len, "sampling": "greedy, ignore_eos",
                 "prompts": "held-out builtin corpus text",
                 "dtype": str(getattr(lm, "dtype", "")).removeprefix("torch."),
@@ -107,7 +107,7 @@ def offline_throughput(
 
 def _measure(engine, corpus: list[int], prefill_lengths, batch_sizes, decode_tokens: int, prompt_tokens: int,
              progress: bool):
-    from serve.sampling import SamplingParams
+    from llmquant.serve.sampling import SamplingParams
 
     skipped: list[str] = []
     lengths: list[int] = []

@@ -1,6 +1,6 @@
 """Serving: one generation engine and the OpenAI-compatible HTTP API over it.
 
-    from serve import Engine, SamplingParams, create_app, serve
+    from llmquant.serve import Engine, SamplingParams, create_app, serve
     engine = Engine(llmquant.load_model("out/"))            # continuous batching, its own thread
     for event in engine.generate("Hello", SamplingParams(max_tokens=20)): print(event.text, end="")
     serve("out/", port=8000)                                # what `llmquant serve out/` runs
@@ -17,25 +17,25 @@ __all__ = ["Engine", "SamplingParams", "TokenEvent", "create_app", "serve"]
 
 
 def __getattr__(name: str):
-    # Lazy: `import serve` must not pull in torch, transformers or FastAPI until used.
+    # Lazy: `import llmquant.serve` must not pull in torch, transformers or FastAPI until used.
     if name == "Engine":
-        from serve.engine import Engine
+        from llmquant.serve.engine import Engine
 
         return Engine
     if name == "SamplingParams":
-        from serve.sampling import SamplingParams
+        from llmquant.serve.sampling import SamplingParams
 
         return SamplingParams
     if name == "TokenEvent":
-        from serve.events import TokenEvent
+        from llmquant.serve.events import TokenEvent
 
         return TokenEvent
     if name == "create_app":
-        from serve.app import create_app
+        from llmquant.serve.app import create_app
 
         return create_app
     if name == "serve":
-        from serve.server import serve
+        from llmquant.serve.server import serve
 
         return serve
-    raise AttributeError(f"module 'serve' has no attribute {name!r}")
+    raise AttributeError(f"module 'llmquant.serve' has no attribute {name!r}")

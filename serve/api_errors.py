@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.events import EngineBusyError, EngineStoppedError
-from serve.sampling import InvalidRequestError
+from llmquant.serve.events import EngineBusyError, EngineStoppedError
+from llmquant.serve.sampling import InvalidRequestError
 
 log = logging.getLogger(__name__)
 

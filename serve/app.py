@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from serve.api_errors import APIError, install_error_handlers
-from serve.chat import create_chat_completion
-from serve.choices import now
-from serve.completions import create_completion
-from serve.metrics import Metrics
-from serve.protocol import ChatCompletionRequest, CompletionRequest
+from llmquant.serve.api_errors import APIError, install_error_handlers
+from llmquant.serve.chat import create_chat_completion
+from llmquant.serve.choices import now
+from llmquant.serve.completions import create_completion
+from llmquant.serve.metrics import Metrics
+from llmquant.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 
 @dataclass

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi.responses import StreamingResponse
 
-from serve.choices import SSE_DONE, TokenText, new_id, now, raise_if_aborted, sse, submit_all, usage
-from serve.fanout import Fanout
-from serve.protocol import ChatCompletionRequest
-from serve.sampling import InvalidRequestError
+from llmquant.serve.choices import SSE_DONE, TokenText, new_id, now, raise_if_aborted, sse, submit_all, usage
+from llmquant.serve.fanout import Fanout
+from llmquant.serve.protocol import ChatCompletionRequest
+from llmquant.serve.sampling import InvalidRequestError
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -9,10 +9,10 @@ import json
 import time
 import uuid
 
-from serve.api_errors import APIError
-from serve.events import FINISH_ABORT
-from serve.fanout import Fanout
-from serve.sampling import InvalidRequestError, SamplingParams
+from llmquant.serve.api_errors import APIError
+from llmquant.serve.events import FINISH_ABORT
+from llmquant.serve.fanout import Fanout
+from llmquant.serve.sampling import InvalidRequestError, SamplingParams
 
 SSE_DONE = "data: [DONE]\n\n"
 

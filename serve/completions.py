@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
 
-from serve.choices import (
+from llmquant.serve.choices import (
     SSE_DONE,
     TokenText,
     check_token_ids,
@@ -18,8 +18,8 @@ from serve.choices import (
     submit_all,
     usage,
 )
-from serve.fanout import Fanout
-from serve.protocol import CompletionRequest
+from llmquant.serve.fanout import Fanout
+from llmquant.serve.protocol import CompletionRequest
 
 
 @dataclass

@@ -23,12 +23,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from serve import kv_cache
-from serve.detokenizer import IncrementalDetokenizer
-from serve.lean_forward import build_lean_forward
-from serve.lean_probe import PROBE_TEXT
-from serve.memory import release_freed_memory
-from serve.events import (
+from llmquant.serve import kv_cache
+from llmquant.serve.detokenizer import IncrementalDetokenizer
+from llmquant.serve.lean_forward import build_lean_forward
+from llmquant.serve.lean_probe import PROBE_TEXT
+from llmquant.serve.memory import release_freed_memory
+from llmquant.serve.events import (
     FINISH_ABORT,
     FINISH_LENGTH,
     FINISH_STOP,
@@ -37,7 +37,7 @@ from serve.events import (
     EngineStoppedError,
     TokenEvent,
 )
-from serve.sampling import SamplingParams, apply_penalties, choose_token, make_generator, token_logprobs
+from llmquant.serve.sampling import SamplingParams, apply_penalties, choose_token, make_generator, token_logprobs
 
 log = logging.getLogger(__name__)
 

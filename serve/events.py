@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmquant.errors import LLMQuantError
-from serve.sampling import InvalidRequestError
+from llmquant.serve.sampling import InvalidRequestError
 
 FINISH_STOP = "stop"  # end-of-sequence token, a stop token id or a stop string
 FINISH_LENGTH = "length"  # max_tokens or the context length reached

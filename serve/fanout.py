@@ -11,8 +11,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from serve.events import TokenEvent
-from serve.sampling import SamplingParams
+from llmquant.serve.events import TokenEvent
+from llmquant.serve.sampling import SamplingParams
 
 DISCONNECT_POLL_S = 1.0
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from serve.lean_probe import (NOISE_MARGIN, PROBE_MAX_KL, max_mean_kl, noise_floor, probe_steps,
+from llmquant.serve.lean_probe import (NOISE_MARGIN, PROBE_MAX_KL, max_mean_kl, noise_floor, probe_steps,
                                transformers_logprobs)
 
 log = logging.getLogger("llmquant.serve")
@@ -153,7 +153,7 @@ def build_lean_forward(model: nn.Module, max_positions: int, new_cache, cache_kw
     (`probe_ids`: PROBE_TEXT tokenized, at least two tokens; lean_probe.py says how closely);
     None (reason logged) otherwise.
     On CPU with the compiled decode kernels the CPU variant (lean_forward_cpu.py) is tried first."""
-    from serve.lean_forward_cpu import CpuLeanForward
+    from llmquant.serve.lean_forward_cpu import CpuLeanForward
 
     if not LeanForward.supports(model):
         log.info("lean forward: %s is not a Llama-shaped decoder; using the transformers forward",

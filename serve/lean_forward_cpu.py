@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmquant.quant import cpu_ext
-from serve.kv_cache import GrowingLayer
-from serve.lean_forward import LeanForward, _attention_mask, _decode_key_mask
+from llmquant.kernels import cpu_ext
+from llmquant.serve.kv_cache import GrowingLayer
+from llmquant.serve.lean_forward import LeanForward, _attention_mask, _decode_key_mask
 
 INT8_HEAD_MAX_ROWS = 8
 
@@ -45,7 +45,7 @@ class _Int8Head:
 
     def __init__(self, ext, linear: nn.Linear):
         from llmquant.quant.observers import weight_qparams
-        from llmquant.quant.presets import PRESETS
+        from llmquant.config.presets import PRESETS
         from llmquant.quant.primitives import grouped_view, quantize
 
         args = PRESETS["W8A16"].weights
@@ -65,7 +65,7 @@ class _Int8Head:
 
 def _projection(ext, module: nn.Module, dtype):
     """The C++ one-row kernel of a projection (an `ext.projection`), or None when it has none."""
-    from llmquant.quant.kernels import Int4DotCpu, Int8DotCpu, select_kernel
+    from llmquant.kernels.registry import Int4DotCpu, Int8DotCpu, select_kernel
     from llmquant.quant.linear import QuantizedLinear
 
     if type(module) is nn.Linear:

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from serve.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, InvalidRequestError, SamplingParams
+from llmquant.serve.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, InvalidRequestError, SamplingParams
 
 MAX_N = 16
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit

@@ -38,8 +38,8 @@ def serve(model=None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api
     import uvicorn
 
     from llmquant.loading import load_model
-    from serve.app import create_app
-    from serve.engine import Engine
+    from llmquant.serve.app import create_app
+    from llmquant.serve.engine import Engine
 
     if not 1 <= port <= 65535:
         raise InvalidConfigError(f"--port must be between 1 and 65535, got {port}.")

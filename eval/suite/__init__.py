@@ -1,6 +1,6 @@
 """Eval suites: many models x many tasks from one YAML file, with reports and plots.
 
-    from eval.suite import SuiteConfig, run_suite
+    from llmquant.eval.suite import SuiteConfig, run_suite
     run_suite("configs/eval/demo.yaml", "runs/demo")
 
 config.py (the YAML file's objects), models.py (source / quantize / bitsandbytes / URL),
@@ -8,7 +8,7 @@ tasks.py (one task on one model), runner.py (reuse, failures, results.json), rep
 (report.md), plots.py (PNGs).
 """
 
-from eval.suite.config import ModelSpec, SuiteConfig, TaskSpec
-from eval.suite.runner import run_suite
+from llmquant.eval.suite.config import ModelSpec, SuiteConfig, TaskSpec
+from llmquant.eval.suite.runner import run_suite
 
 __all__ = ["ModelSpec", "SuiteConfig", "TaskSpec", "run_suite"]

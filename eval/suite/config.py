@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.args import reject_unknown_keys
+from llmquant.config.args import reject_unknown_keys
 
 TASK_KEYS: dict[str, tuple[str, ...]] = {
     "perplexity": ("dataset", "max_tokens", "window", "stride", "batch_size", "text_field", "config_name", "split"),
@@ -55,7 +55,7 @@ _QUANTIZE_EXCLUDED = {"model", "output", "overwrite", "progress", "dtype", "devi
 
 
 def quantize_keys() -> tuple[str, ...]:
-    from llmquant.quant.quantize import quantize
+    from llmquant.quant.pipeline.quantize import quantize
 
     return tuple(n for n in inspect.signature(quantize).parameters if n not in _QUANTIZE_EXCLUDED)
 

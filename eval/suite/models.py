@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval.suite.config import ModelSpec
-from eval.throughput import checkpoint_bytes
+from llmquant.eval.suite.config import ModelSpec
+from llmquant.eval.throughput import checkpoint_bytes
 
 
 class SkipModel(Exception):

@@ -1,6 +1,6 @@
 """`run_suite`: every model x task of a suite file, with reuse, failures recorded, and reports.
 
-    from eval.suite import run_suite
+    from llmquant.eval.suite import run_suite
     results = run_suite("configs/eval/demo.yaml", "runs/demo")   # results.json, report.md, plots/
 
 Reuse: each (model, task) result is stored in OUTPUT/cache/ under a hash of the model's
@@ -30,9 +30,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from eval.suite.config import SuiteConfig
-from eval.suite.models import SkipModel, SuiteModel, digest, identity, prepare
-from eval.suite.tasks import SkipTask, run_task
+from llmquant.eval.suite.config import SuiteConfig
+from llmquant.eval.suite.models import SkipModel, SuiteModel, digest, identity, prepare
+from llmquant.eval.suite.tasks import SkipTask, run_task
 from llmquant.errors import InvalidConfigError
 
 RESULTS_VERSION = 1
@@ -177,8 +177,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _write_reports(results: dict, out: Path) -> None:
-    from eval.suite.plots import write_plots
-    from eval.suite.report import markdown_report
+    from llmquant.eval.suite.plots import write_plots
+    from llmquant.eval.suite.report import markdown_report
 
     plots = write_plots(results, out / "plots")
     results["plots"] = [str(p.relative_to(out)) for p in plots]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from eval.suite.config import TaskSpec
-from eval.suite.models import SuiteModel, api_key
+from llmquant.eval.suite.config import TaskSpec
+from llmquant.eval.suite.models import SuiteModel, api_key
 
 
 class SkipTask(Exception):
@@ -24,11 +24,11 @@ def run_task(task: TaskSpec, model: SuiteModel, *, base: SuiteModel | None, toke
 
 def _perplexity(params: dict, model: SuiteModel, *, base, tokenizer, progress: bool) -> dict:
     if model.spec.kind == "url":
-        from eval.remote import remote_perplexity
+        from llmquant.eval.remote import remote_perplexity
 
         return remote_perplexity(model.spec.url, model.spec.served_model, api_key=api_key(model.spec),
                                  tokenizer=tokenizer, progress=progress, **params).to_dict()
-    from eval import perplexity
+    from llmquant.eval import perplexity
 
     return perplexity(model.loaded, progress=progress, **params).to_dict()
 
@@ -40,13 +40,13 @@ def _agreement(params: dict, model: SuiteModel, *, base, tokenizer, progress: bo
     if base.loaded is None:
         raise SkipTask(f"the base model {base.spec.name} is not a local model; agreement needs its logits")
     if model.spec.kind == "url":
-        from eval.remote import remote_perplexity
+        from llmquant.eval.remote import remote_perplexity
 
         result = remote_perplexity(model.spec.url, model.spec.served_model, api_key=api_key(model.spec),
                                    tokenizer=tokenizer, base=base.loaded, progress=progress, **params).to_dict()
         result["kl_mean"] = None  # not measurable over HTTP (see eval.remote)
         return result
-    from eval.agreement import agreement
+    from llmquant.eval.agreement import agreement
 
     return agreement(model.loaded, base.loaded, progress=progress, **params).to_dict()
 
@@ -54,7 +54,7 @@ def _agreement(params: dict, model: SuiteModel, *, base, tokenizer, progress: bo
 def _throughput(params: dict, model: SuiteModel, *, base, tokenizer, progress: bool) -> dict:
     if model.spec.kind == "url":
         raise SkipTask("offline throughput runs our engine on a local model; use the load task for a server")
-    from eval.throughput import offline_throughput
+    from llmquant.eval.throughput import offline_throughput
 
     result = offline_throughput(model.loaded, progress=progress, **_tuples(params)).to_dict()
     result["load_seconds"] = model.load_seconds
@@ -68,7 +68,7 @@ def _throughput(params: dict, model: SuiteModel, *, base, tokenizer, progress: b
 
 
 def _load(params: dict, model: SuiteModel, *, base, tokenizer, progress: bool) -> dict:
-    from eval.loadgen import load_test
+    from llmquant.eval.loadgen import load_test
 
     concurrencies = _as_list(params.pop("concurrency", [1]))
     rates = _as_list(params.pop("request_rate", [None]))
@@ -78,7 +78,7 @@ def _load(params: dict, model: SuiteModel, *, base, tokenizer, progress: bool) -
                                concurrencies, rates, params, progress)}
     if model.folder is None:
         raise SkipTask("llmquant serve cannot load this model (bitsandbytes baselines are measured offline only)")
-    from eval.server_process import ServerProcess
+    from llmquant.eval.server_process import ServerProcess
 
     args = ["--dtype", model.spec.dtype, "--served-model-name", model.spec.name]
     if model.spec.device:

@@ -12,7 +12,7 @@ Everything that touches model structure asks here instead of assuming a Llama:
   rounding error in a router changes which experts run).
 A model type that is not listed gets `DEFAULT`, whose facts hold for the Llama family; every
 norm -> projection folding is also checked on real activations before it is applied
-(`llmquant/quant/smoothquant.py`), so an unlisted architecture is skipped, never mis-smoothed.
+(`llmquant/quant/algorithms/smoothquant.py`), so an unlisted architecture is skipped, never mis-smoothed.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmquant.errors import CorruptCheckpointError, InvalidConfigError
-from llmquant.quant.args import QuantArgs, QuantScheme
+from llmquant.config.args import QuantArgs, QuantScheme
 
 QUANT_METHOD = "compressed-tensors"
 SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "float-quantized")

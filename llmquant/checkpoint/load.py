@@ -23,7 +23,7 @@ from llmquant.arch.registry import from_checkpoint_name, model_spec, to_checkpoi
 from llmquant.checkpoint.ct_config import parse_quantization_config
 from llmquant.errors import CorruptCheckpointError
 from llmquant.quant.linear import QuantizedLinear
-from llmquant.quant.targets import best_group, matches, set_submodule
+from llmquant.quant.pipeline.targets import best_group, matches, set_submodule
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -17,7 +17,7 @@ from llmquant.cli.common import add_model_arguments, model_kwargs
 from llmquant.errors import InvalidConfigError
 
 if TYPE_CHECKING:
-    from eval.perplexity import PerplexityResult
+    from llmquant.eval.perplexity import PerplexityResult
 
 _DATASET_HELP = (
     "text to evaluate on: 'builtin' (default; the English reference text shipped with Python, "
@@ -82,7 +82,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
         raise InvalidConfigError(
             f"--output {args.output}: the folder {args.output.absolute().parent} does not exist."
         )
-    from eval import perplexity
+    from llmquant.eval import perplexity
 
     result = perplexity(
         args.model, dataset=args.dataset, config_name=args.dataset_config,

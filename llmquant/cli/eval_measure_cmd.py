@@ -89,7 +89,7 @@ def add_agreement(metrics: argparse._SubParsersAction) -> None:
 
 
 def run_agreement(args) -> int:
-    from eval.agreement import agreement, summarize
+    from llmquant.eval.agreement import agreement, summarize
 
     kw = model_kwargs(args)
     kw.pop("revision")
@@ -115,7 +115,7 @@ def add_remote(metrics: argparse._SubParsersAction) -> None:
 
 
 def run_remote(args) -> int:
-    from eval.remote import remote_perplexity
+    from llmquant.eval.remote import remote_perplexity
 
     r = remote_perplexity(args.base_url, args.served_model, api_key=args.api_key, tokenizer=args.tokenizer,
                           base=args.base, progress=True, **_data_kwargs(args))
@@ -150,7 +150,7 @@ def add_throughput(metrics: argparse._SubParsersAction) -> None:
 
 
 def run_throughput(args) -> int:
-    from eval.throughput import offline_throughput
+    from llmquant.eval.throughput import offline_throughput
 
     kw = model_kwargs(args)
     kw.pop("revision")
@@ -195,7 +195,7 @@ def add_load(metrics: argparse._SubParsersAction) -> None:
 
 
 def run_load(args) -> int:
-    from eval.loadgen import load_test
+    from llmquant.eval.loadgen import load_test
 
     if args.request_rate is not None and args.request_rate <= 0:
         raise InvalidConfigError(f"--request-rate must be positive, got {args.request_rate}.")

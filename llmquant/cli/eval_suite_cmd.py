@@ -22,7 +22,7 @@ def add_suite(metrics: argparse._SubParsersAction) -> None:
 
 
 def run_suite_command(args: argparse.Namespace) -> int:
-    from eval.suite import run_suite
+    from llmquant.eval.suite import run_suite
 
     results = run_suite(args.file, args.output, force=args.force, progress=not args.quiet)
     counts: dict[str, int] = {}

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from llmquant.cli.common import add_model_arguments, model_kwargs
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.args import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
-from llmquant.quant.presets import PRESETS
-from llmquant.quant.recipe import GROUP_SIZE_FALLBACKS
+from llmquant.config.args import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
+from llmquant.config.presets import PRESETS
+from llmquant.config.recipe import GROUP_SIZE_FALLBACKS
 
 EPILOG = """\
 schemes:
@@ -161,7 +161,7 @@ def default_output(model: str | None, scheme: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmquant.quant.quantize import quantize
+    from llmquant.quant.pipeline.quantize import quantize
 
     if args.output is None:
         args.output = default_output(args.model, args.scheme or (Path(args.recipe).stem if args.recipe else "W4A16"))

@@ -23,8 +23,8 @@ Point any OpenAI client at it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_k
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from serve.engine import DEFAULT_MAX_BATCH
-    from serve.server import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SHUTDOWN_TIMEOUT_S
+    from llmquant.serve.engine import DEFAULT_MAX_BATCH
+    from llmquant.serve.server import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SHUTDOWN_TIMEOUT_S
 
     parser = subparsers.add_parser(
         "serve", help="serve a model through an OpenAI-compatible HTTP API",
@@ -82,8 +82,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if vllm_only:
         flags = ", ".join("--" + f.replace("_", "-") for f in vllm_only)
         raise InvalidConfigError(f"{flags} only apply with --backend vllm.")
-    from serve.engine import DEFAULT_MAX_BATCH
-    from serve.server import serve
+    from llmquant.serve.engine import DEFAULT_MAX_BATCH
+    from llmquant.serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
           served_model_name=args.served_model_name, max_model_len=args.max_model_len,
@@ -96,8 +96,8 @@ def _run_vllm(args: argparse.Namespace) -> int:
     import os
 
     from llmquant.errors import InvalidConfigError
-    from serve.server import API_KEY_ENV
-    from serve.vllm_backend import serve_with_vllm
+    from llmquant.serve.server import API_KEY_ENV
+    from llmquant.serve.vllm_backend import serve_with_vllm
 
     if args.device not in (None, "auto", "cuda") or args.allow_pickle:
         raise InvalidConfigError("--device and --allow-pickle do not apply with --backend vllm.")

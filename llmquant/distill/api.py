@@ -288,9 +288,9 @@ def _teacher_cache(loaded, rec: DistillRecipe, windows, output: Path, endpoint_m
 def _resolve_qat(student, rec: DistillRecipe) -> dict:
     """The QAT scheme with the group size `llmquant quantize` would choose for this student."""
     from llmquant.distill.fake_quant import QAT_OBSERVER
-    from llmquant.quant.plan import auto_group_size
-    from llmquant.quant.quantize import build_recipe
-    from llmquant.quant.targets import linear_layers
+    from llmquant.quant.pipeline.plan import auto_group_size
+    from llmquant.quant.pipeline.quantize import build_recipe
+    from llmquant.quant.pipeline.targets import linear_layers
 
     q = rec.qat
     qrec = build_recipe(scheme=q.scheme, group_size=q.group_size, symmetric=q.symmetric, observer=QAT_OBSERVER,
@@ -309,7 +309,7 @@ def _qat_with_group(rec: DistillRecipe, qat_plan: dict):
 
 def _held_out_perplexity(tokenizer, rec: DistillRecipe):
     def evaluate(model) -> float:
-        from eval.perplexity import perplexity
+        from llmquant.eval.perplexity import perplexity
 
         return perplexity((model, tokenizer), dataset=rec.data.dataset, text_field=rec.data.text_field,
                           config_name=rec.data.config_name, max_tokens=rec.train.eval_tokens,

@@ -44,7 +44,7 @@ def export_quantized(model: nn.Module, tokenizer, output, *, qat, storage_dtype:
     either would move the weights off the grid they trained on) and save it; returns its result."""
     from llmquant.distill.fake_quant import QAT_OBSERVER, remove_fake_quant
     from llmquant.loading import LoadedModel, ModelSource
-    from llmquant.quant.quantize import quantize
+    from llmquant.quant.pipeline.quantize import quantize
 
     remove_fake_quant(model)
     model.eval()

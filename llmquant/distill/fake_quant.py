@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.args import QuantScheme
+from llmquant.config.args import QuantScheme
 from llmquant.quant.observers import weight_qparams
 from llmquant.quant.primitives import fake_quantize, grouped_view, quantize_activation
-from llmquant.quant.targets import linear_layers, set_submodule
+from llmquant.quant.pipeline.targets import linear_layers, set_submodule
 
 QAT_OBSERVER = "minmax"
 

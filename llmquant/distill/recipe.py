@@ -25,7 +25,7 @@ import yaml
 
 from llmquant.distill.losses import DIVERGENCES
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.args import reject_unknown_keys
+from llmquant.config.args import reject_unknown_keys
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -164,7 +164,7 @@ class QATConfig(_Section):
     symmetric: bool | None = None
 
     def __post_init__(self) -> None:
-        from llmquant.quant.presets import preset
+        from llmquant.config.presets import preset
 
         scheme = preset(self.scheme)
         object.__setattr__(self, "scheme", self.scheme.upper())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from llmquant.quant.report import REPORT_JSON
+from llmquant.quant.pipeline.report import REPORT_JSON
 
 RECIPE_FILE = "recipe.yaml"
 CARD_FILE = "README.md"
@@ -112,7 +112,7 @@ def gather_facts(folder: Path, repo_id: str, *, base_model: str | None = None, r
 
 
 def _facts_from_report(report: dict, facts: CardFacts) -> None:
-    """quantization_report.json (llmquant.quant.report.QuantReport.to_dict)."""
+    """quantization_report.json (llmquant.quant.pipeline.report.QuantReport.to_dict)."""
     source = report.get("source") if isinstance(report.get("source"), dict) else {}
     facts.source_description = source.get("description") or source.get("name")
     kind, name = source.get("kind"), source.get("name")

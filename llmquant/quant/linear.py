@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmquant.quant.args import FP8_DTYPE, QuantScheme
+from llmquant.config.args import FP8_DTYPE, QuantScheme
 from llmquant.quant.observers import weight_qparams
 from llmquant.quant.packing import pack_int32, unpack_int32
 from llmquant.quant.primitives import dequantize, grouped_view, quantize, quantize_activation, scale_shape
@@ -108,7 +108,7 @@ class QuantizedLinear(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        from llmquant.quant.kernels import select_kernel
+        from llmquant.kernels.registry import select_kernel
 
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from llmquant.quant.args import FLOAT, QuantArgs
+from llmquant.config.args import FLOAT, QuantArgs
 from llmquant.quant.primitives import compute_qparams, fake_quantize, grouped_view, quantize_activation
 
 MSE_GRID = 100

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmquant.quant.args import FLOAT, FP8_DTYPE, FP8_MAX, QuantArgs
+from llmquant.config.args import FLOAT, FP8_DTYPE, FP8_MAX, QuantArgs
 
 
 def grouped_view(w: Tensor, args: QuantArgs) -> Tensor:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval import perplexity
-from eval.agreement import agreement
+from llmquant.eval import perplexity
+from llmquant.eval.agreement import agreement
 from llmquant.data import evaluation_tokens
 from llmquant.errors import InvalidConfigError
 

@@ -53,7 +53,7 @@ def test_summary_output_and_a_clear_error(tiny_model_dir, tmp_path, capsys, one_
 
 @pytest.mark.demo
 def test_demo_model_perplexity_on_real_text_is_plausible(demo_model_dir):
-    from eval import perplexity
+    from llmquant.eval import perplexity
 
     result = perplexity(str(demo_model_dir), max_tokens=4096, dtype="float32", progress=False)
     # A real 135M model on English technical prose: far better than chance (49,152 tokens),

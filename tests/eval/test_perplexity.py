@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval import perplexity
+from llmquant.eval import perplexity
 from llmquant.data import evaluation_stream, evaluation_tokens
 from llmquant.errors import InvalidConfigError
 

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from eval import perplexity
-from eval.endpoint import EndpointError
-from eval.loadgen import load_test, percentile
-from eval.remote import remote_perplexity
-from eval.server_process import ServerProcess
+from llmquant.eval import perplexity
+from llmquant.eval.endpoint import EndpointError
+from llmquant.eval.loadgen import load_test, percentile
+from llmquant.eval.remote import remote_perplexity
+from llmquant.eval.server_process import ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_percentiles_match_numpy():
 
 
 def test_a_suite_measures_a_server_by_its_url(server, tiny_model_dir, tmp_path, monkeypatch):
-    from eval.suite import SuiteConfig, run_suite
+    from llmquant.eval.suite import SuiteConfig, run_suite
 
     monkeypatch.setenv("TINY_KEY", "sesame")
     config = SuiteConfig.from_dict({

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import yaml
 
-from eval import perplexity
-from eval.suite import SuiteConfig, run_suite
+from llmquant.eval import perplexity
+from llmquant.eval.suite import SuiteConfig, run_suite
 from llmquant.errors import InvalidConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval.throughput import checkpoint_bytes, offline_throughput
+from llmquant.eval.throughput import checkpoint_bytes, offline_throughput
 from llmquant.errors import InvalidConfigError
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from eval.windows import batches_of_equal_shape, plan_windows
+from llmquant.eval.windows import batches_of_equal_shape, plan_windows
 from llmquant.errors import InvalidConfigError
 
 

@@ -215,9 +215,9 @@ def test_serve(arch, architecture_dir, tmp_path_factory):
     from openai import OpenAI
 
     from llmquant import load_model
-    from serve.app import create_app
-    from serve.engine import Engine
-    from serve.sampling import SamplingParams
+    from llmquant.serve.app import create_app
+    from llmquant.serve.engine import Engine
+    from llmquant.serve.sampling import SamplingParams
 
     _, out, _ = _quantize(arch, "rtn", architecture_dir, tmp_path_factory)
     loaded = load_model(out, dtype="float32")

@@ -18,7 +18,7 @@ def demo(demo_model_dir):
 
 @pytest.fixture(scope="module")
 def baseline_ppl(demo):
-    from eval import perplexity
+    from llmquant.eval import perplexity
 
     return perplexity(demo, max_tokens=EVAL_TOKENS, progress=False).perplexity
 
@@ -34,7 +34,7 @@ def test_quantized_demo_model(demo_model_dir, demo, baseline_ppl, tmp_path, sche
                               max_ratio):
     from transformers import AutoModelForCausalLM
 
-    from eval import perplexity
+    from llmquant.eval import perplexity
     from llmquant import load_model, quantize
 
     out = tmp_path / scheme

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import eval.server_process as eval_server
+import llmquant.eval.server_process as eval_server
 
 STARTUP_TIMEOUT_S = 120
 
@@ -21,7 +21,7 @@ def tiny_loaded(tiny_model_dir):
 
 @pytest.fixture
 def engine(tiny_loaded):
-    from serve.engine import Engine
+    from llmquant.serve.engine import Engine
 
     eng = Engine(tiny_loaded, max_batch_size=8, max_waiting=16)
     yield eng

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serve.detokenizer import IncrementalDetokenizer
+from llmquant.serve.detokenizer import IncrementalDetokenizer
 
 TEXT = "Größe: 日本語のテキスト — naïve café, emoji 🙂 and plain ASCII words."
 

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from serve.events import ContextLengthError, EngineBusyError
-from serve.sampling import InvalidRequestError, SamplingParams
+from llmquant.serve.events import ContextLengthError, EngineBusyError
+from llmquant.serve.sampling import InvalidRequestError, SamplingParams
 
 PROMPTS = ["The quick brown fox", "def main():\n    return", "In the beginning", "import os\nimport sys\n",
            "x", "Python's documentation says that exceptions"]
@@ -52,7 +52,7 @@ def test_requests_admitted_together_share_one_padded_prefill(tiny_loaded):
     """Prompts of different lengths admitted in the same step are prefilled in one left-padded
     forward pass and then decode together; each still gets exactly what generate() gives it
     alone, including a row that finishes during the prefill (max_tokens=1)."""
-    from serve.engine import Engine
+    from llmquant.serve.engine import Engine
 
     ids = [tiny_loaded.tokenizer(p).input_ids for p in PROMPTS]
     lengths = [24, 1, 16, 30, 12, 20]
@@ -168,7 +168,7 @@ def test_context_length_enforced_before_generation(engine):
 
 
 def test_full_queue_is_busy(tiny_loaded):
-    from serve.engine import Engine
+    from llmquant.serve.engine import Engine
 
     eng = Engine(tiny_loaded, max_batch_size=1, max_waiting=1)
     try:
@@ -220,8 +220,8 @@ def test_frequency_penalty_reduces_repetition(engine, tiny_loaded):
 
 
 def test_shutdown_drains_running_requests(tiny_loaded):
-    from serve.engine import Engine
-    from serve.events import EngineStoppedError
+    from llmquant.serve.engine import Engine
+    from llmquant.serve.events import EngineStoppedError
 
     eng = Engine(tiny_loaded)
     events = []

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.engine import Engine
-from serve.lean_forward import LeanForward
-from serve.sampling import SamplingParams
+from llmquant.serve.engine import Engine
+from llmquant.serve.lean_forward import LeanForward
+from llmquant.serve.sampling import SamplingParams
 
 
 def _architectures():
@@ -130,7 +130,7 @@ def test_engine_greedy_matches_generate(model_type, loaded_models):
 @pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "plain"])
 @pytest.mark.parametrize("name", list(WINDOWED))
 def test_lean_forward_sliding_window_matches_generate(name, cpu_kernels, loaded_models, monkeypatch):
-    from serve.lean_forward_cpu import CpuLeanForward
+    from llmquant.serve.lean_forward_cpu import CpuLeanForward
 
     if not cpu_kernels:
         monkeypatch.setattr(CpuLeanForward, "available", staticmethod(lambda model: False))

@@ -4,13 +4,13 @@ quantized projections), used by the engine for Llama-shaped models and refused f
 import pytest
 import torch
 
-from serve import kv_cache
-from serve.lean_forward import LeanForward, build_lean_forward, fuse_linears
-from serve.lean_probe import NOISE_MARGIN, PROBE_MAX_KL, noise_floor
+from llmquant.serve import kv_cache
+from llmquant.serve.lean_forward import LeanForward, build_lean_forward, fuse_linears
+from llmquant.serve.lean_probe import NOISE_MARGIN, PROBE_MAX_KL, noise_floor
 
 
 def _hf_step(model, ids, positions, mask, cache):
-    from serve.engine import _cache_kwarg
+    from llmquant.serve.engine import _cache_kwarg
 
     return model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
                  **{_cache_kwarg(model): cache}).logits.float()
@@ -67,7 +67,7 @@ def test_fused_quantized_projections_equal_the_separate_ones(tiny_model_dir, sch
 def test_engine_uses_it_and_refuses_other_shapes(tiny_loaded, tiny_model_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from serve.engine import Engine
+    from llmquant.serve.engine import Engine
 
     engine = Engine(tiny_loaded, max_batch_size=2)
     try:
@@ -87,7 +87,7 @@ def test_engine_uses_it_and_refuses_other_shapes(tiny_loaded, tiny_model_dir):
 def test_a_model_that_disagrees_is_refused(tiny_model_dir, tiny_loaded):
     """The probe tells a lean forward that computes something else (here: RMSNorm epsilon) apart."""
     from llmquant import load_model
-    from serve.engine import _cache_kwarg, _probe_ids
+    from llmquant.serve.engine import _cache_kwarg, _probe_ids
 
     model = load_model(tiny_model_dir, dtype="float32").model
     for norm in [model.model.norm] + [n for layer in model.model.layers
@@ -107,7 +107,7 @@ def test_a_model_that_disagrees_is_refused(tiny_model_dir, tiny_loaded):
 def test_noise_floor_of_an_ordinary_model_leaves_the_bound_alone(tiny_model_dir, tiny_loaded):
     """A one-bf16-step perturbation moves a bf16 model's outputs, but far less than the bound."""
     from llmquant import load_model
-    from serve.engine import _cache_kwarg, _probe_ids
+    from llmquant.serve.engine import _cache_kwarg, _probe_ids
 
     model = load_model(tiny_model_dir, dtype="bfloat16").model
     floor = noise_floor(model, kv_cache.new_cache, _cache_kwarg(model), _probe_ids(tiny_loaded.tokenizer))

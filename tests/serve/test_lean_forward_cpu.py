@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llmquant.quant import cpu_ext
-from serve import kv_cache
-from serve.lean_forward_cpu import CpuLeanForward
+from llmquant.kernels import cpu_ext
+from llmquant.serve import kv_cache
+from llmquant.serve.lean_forward_cpu import CpuLeanForward
 
 pytestmark = pytest.mark.skipif(cpu_ext.fast() is None, reason="needs the compiled CPU decode kernels (AVX-512 VNNI)")
 
@@ -22,7 +22,7 @@ class _CountingStack:
 
 
 def _hf(model, ids, positions, mask, cache):
-    from serve.engine import _cache_kwarg
+    from llmquant.serve.engine import _cache_kwarg
 
     return model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
                  **{_cache_kwarg(model): cache}).logits.float()
@@ -107,7 +107,7 @@ def test_padded_batches_use_the_python_loop_and_agree(tiny_model_dir):
 
 def test_engine_builds_it_on_cpu(tiny_model_dir):
     from llmquant import load_model
-    from serve.engine import Engine
+    from llmquant.serve.engine import Engine
 
     engine = Engine(load_model(tiny_model_dir, dtype="bfloat16"), max_batch_size=2)
     try:

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from serve.sampling import SamplingParams
+from llmquant.serve.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module", params=["W4A16", "W8A8"])
@@ -23,7 +23,7 @@ def quantized(request, tiny_model_dir, tmp_path_factory):
 
 def test_engine_runs_quantized_layers(quantized):
     from llmquant.quant.linear import QuantizedLinear
-    from serve.engine import Engine
+    from llmquant.serve.engine import Engine
 
     layers = [m for m in quantized.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 14  # 7 Linear layers per decoder layer, 2 layers
@@ -59,8 +59,8 @@ def test_engine_runs_quantized_layers(quantized):
 @pytest.mark.demo
 def test_demo_model_answers_through_chat(demo_model_dir):
     from llmquant import load_model
-    from serve.chat import chat_prompt_ids
-    from serve.engine import Engine
+    from llmquant.serve.chat import chat_prompt_ids
+    from llmquant.serve.engine import Engine
 
     loaded = load_model(demo_model_dir, dtype="float32")
     engine = Engine(loaded)

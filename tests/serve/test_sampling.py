@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.sampling import InvalidRequestError, SamplingParams, apply_penalties, choose_token
+from llmquant.serve.sampling import InvalidRequestError, SamplingParams, apply_penalties, choose_token
 
 
 def test_top_k_and_top_p_keep_only_the_head():

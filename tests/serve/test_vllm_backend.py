@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from serve.vllm_backend import VLLM_ENTRYPOINT, vllm_available, vllm_command
+from llmquant.serve.vllm_backend import VLLM_ENTRYPOINT, vllm_available, vllm_command
 
 
 def test_options_map_to_vllm_flags():

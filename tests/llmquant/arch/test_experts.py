@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from llmquant.arch.experts import LinearExperts, linearize
 from llmquant.arch.registry import model_spec, to_checkpoint_name
-from llmquant.quant.expert_calibration import ExpertCalibration
+from llmquant.quant.pipeline.expert_calibration import ExpertCalibration
 
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "qwen2_moe", "olmoe")
 

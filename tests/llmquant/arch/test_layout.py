@@ -7,11 +7,11 @@ from __future__ import annotations
 from torch import nn
 
 from llmquant.arch.registry import from_checkpoint_name, spec_for, to_checkpoint_name
-from llmquant.quant.args import QuantScheme
-from llmquant.quant.plan import LayerPlan, config_groups
-from llmquant.quant.presets import preset
-from llmquant.quant.recipe import recipe_from_scheme
-from llmquant.quant.targets import linear_layers
+from llmquant.config.args import QuantScheme
+from llmquant.quant.pipeline.plan import LayerPlan, config_groups
+from llmquant.config.presets import preset
+from llmquant.config.recipe import recipe_from_scheme
+from llmquant.quant.pipeline.targets import linear_layers
 
 
 def test_names_round_trip_between_memory_and_checkpoint():

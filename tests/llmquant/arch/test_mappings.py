@@ -9,7 +9,7 @@ import torch
 from llmquant.arch.experts import linearize
 from llmquant.arch.mappings import check_readers, find_mappings
 from llmquant.arch.registry import DEFAULT, model_spec
-from llmquant.quant.smoothquant import apply_smoothing
+from llmquant.quant.algorithms.smoothquant import apply_smoothing
 
 MATRIX = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "mixtral", "qwen3_moe",
           "gpt_oss", "deepseek_v3", "qwen2_moe", "olmoe")

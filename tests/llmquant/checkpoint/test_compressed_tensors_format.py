@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from llmquant.quant.args import QuantArgs
+from llmquant.config.args import QuantArgs
 from llmquant.quant.linear import QuantizedLinear
-from llmquant.quant.presets import PRESETS
+from llmquant.config.presets import PRESETS
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402

@@ -10,7 +10,7 @@ from llmquant import load_model, quantize
 from llmquant.checkpoint.save import save_quantized
 from llmquant.errors import CorruptCheckpointError, InvalidConfigError
 from llmquant.quant.linear import QuantizedLinear
-from llmquant.quant.recipe import Recipe
+from llmquant.config.recipe import Recipe
 
 SCHEMES = ["W8A16", "W4A16", "W4A16_ASYM", "W8A8", "FP8", "FP8_DYNAMIC", "FP8_W"]
 SMALL = dict(num_samples=4, seq_len=64, verify_tokens=256, progress=False, dtype="float32")

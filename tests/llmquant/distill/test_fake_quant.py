@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmquant.distill.fake_quant import FakeQuantLinear, apply_fake_quant, remove_fake_quant
-from llmquant.quant.presets import preset
+from llmquant.config.presets import preset
 
 
 def _logits(model, ids):
@@ -20,7 +20,7 @@ def _logits(model, ids):
 @pytest.mark.parametrize("scheme, group", [("W4A16", 64), ("W8A8", None)])
 def test_fake_quant_forward_equals_the_exported_quantized_model(teacher, windows, scheme, group):
     from llmquant.loading import LoadedModel
-    from llmquant.quant.quantize import quantize
+    from llmquant.quant.pipeline.quantize import quantize
 
     model = copy.deepcopy(teacher.model)
     ids = windows[:2]

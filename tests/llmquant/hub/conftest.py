@@ -41,7 +41,7 @@ def quantized_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny model quantized by llmquant (W8A8, so calibration is recorded), with a perplexity
     result saved next to it the way `llmquant eval perplexity --output` saves one. Read-only."""
     import llmquant
-    from eval import perplexity
+    from llmquant.eval import perplexity
 
     out = tmp_path_factory.mktemp("quantized") / "tiny-W8A8"
     llmquant.quantize(str(tiny_model_dir), scheme="W8A8", output=out, num_samples=4, seq_len=64,

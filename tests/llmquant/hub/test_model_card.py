@@ -10,7 +10,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from llmquant.hub import build_model_card
-from llmquant.quant.recipe import Recipe
+from llmquant.config.recipe import Recipe
 
 
 def _report(folder, **source) -> None:

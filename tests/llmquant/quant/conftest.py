@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmquant.quant.gptq import accumulate_hessian
+from llmquant.quant.algorithms.gptq import accumulate_hessian
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.args import QuantArgs
-from llmquant.quant.awq import awq_model, awq_scales, scaled_output_error, search_awq_alpha
-from llmquant.quant.recipe import AWQConfig, Recipe
+from llmquant.config.args import QuantArgs
+from llmquant.quant.algorithms.awq import awq_model, awq_scales, scaled_output_error, search_awq_alpha
+from llmquant.config.recipe import AWQConfig, Recipe
 
 INT4_G32 = QuantArgs(num_bits=4, strategy="group", group_size=32, observer="minmax")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmquant.quant import cpu_ext
+from llmquant.kernels import cpu_ext
 
 ext = cpu_ext.fast()
 pytestmark = pytest.mark.skipif(ext is None, reason="CPU decode kernels need a C++ toolchain and AVX-512 VNNI")

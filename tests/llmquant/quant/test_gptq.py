@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.args import QuantArgs
-from llmquant.quant.gptq import gptq_quantize_weight
+from llmquant.config.args import QuantArgs
+from llmquant.quant.algorithms.gptq import gptq_quantize_weight
 from llmquant.quant.observers import weight_qparams
 from llmquant.quant.primitives import dequantize, fake_quantize, grouped_view, quantize
-from llmquant.quant.recipe import GPTQConfig, Recipe
+from llmquant.config.recipe import GPTQConfig, Recipe
 
 INT4_G32 = QuantArgs(num_bits=4, strategy="group", group_size=32, observer="minmax")
 INT4_G32_ASYM = QuantArgs(num_bits=4, strategy="group", group_size=32, symmetric=False, observer="minmax")

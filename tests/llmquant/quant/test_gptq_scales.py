@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llmquant.quant.args import QuantArgs
-from llmquant.quant.gptq import gptq_quantize_weight
-from llmquant.quant.gptq_scales import hessian_weighted_qparams, output_error, refit_scales
+from llmquant.config.args import QuantArgs
+from llmquant.quant.algorithms.gptq import gptq_quantize_weight
+from llmquant.quant.algorithms.gptq_scales import hessian_weighted_qparams, output_error, refit_scales
 from llmquant.quant.observers import weight_qparams
 from llmquant.quant.primitives import fake_quantize, grouped_view
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from llmquant.quant.args import QuantArgs
+from llmquant.config.args import QuantArgs
 from llmquant.quant.linear import QuantizedLinear
-from llmquant.quant.presets import PRESETS
+from llmquant.config.presets import PRESETS
 
 SCHEMES = {name: s if s.weights.strategy != "group" else
            s.replace(weights=QuantArgs(**{**s.weights.to_dict(), "group_size": 64})) for name, s in PRESETS.items()}
@@ -47,7 +47,7 @@ def test_state_dict_is_the_compressed_tensors_layout(name):
 @pytest.mark.parametrize("rows", [1, 3, 7, 64, 300])
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_forward_matches_reference(device, name, rows):
-    from llmquant.quant.kernels import select_kernel
+    from llmquant.kernels.registry import select_kernel
 
     _, q = _layer(name, device=device)
     x = torch.randn(rows, 576, device=device)
@@ -81,7 +81,7 @@ def test_quantized_output_is_close_to_float_output(name):
 
 
 def test_fast_cpu_kernels_are_used_where_they_apply():
-    from llmquant.quant import cpu_ext
+    from llmquant.kernels import cpu_ext
 
     one_row = "int4_dot_cpu" if cpu_ext.fast() is not None else "int4pack_cpu"
     _, q4 = _layer("W4A16")

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.mixed import bits_per_weight, choose_schemes
-from llmquant.quant.plan import LayerPlan
-from llmquant.quant.presets import preset
-from llmquant.quant.recipe import MixedPrecisionConfig, Recipe
+from llmquant.quant.algorithms.mixed import bits_per_weight, choose_schemes
+from llmquant.quant.pipeline.plan import LayerPlan
+from llmquant.config.presets import preset
+from llmquant.config.recipe import MixedPrecisionConfig, Recipe
 
 W4 = preset("W4A16").replace(weights=preset("W4A16").weights.__class__(
     num_bits=4, strategy="group", group_size=64, observer="minmax"))
@@ -42,10 +42,10 @@ def test_greedy_choice_meets_the_bit_target_with_the_most_sensitive_layers():
 
 def test_fast_sensitivities_equal_full_forwards(tiny_model_dir):
     from llmquant import load_model
-    from llmquant.quant import mixed
-    from llmquant.quant.plan import plan_layers
-    from llmquant.quant.recipe import recipe_from_scheme
-    from llmquant.quant.targets import linear_layers
+    from llmquant.quant.algorithms import mixed
+    from llmquant.quant.pipeline.plan import plan_layers
+    from llmquant.config.recipe import recipe_from_scheme
+    from llmquant.quant.pipeline.targets import linear_layers
 
     net = load_model(tiny_model_dir, dtype="float32").model
     rec = recipe_from_scheme("W4A16").with_overrides(weights={"group_size": 32, "observer": "minmax"})

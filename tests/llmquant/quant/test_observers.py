@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmquant.quant.args import FLOAT, INT, QuantArgs
+from llmquant.config.args import FLOAT, INT, QuantArgs
 from llmquant.quant.observers import ActivationHistogram, DynamicActivationError, weight_qparams
 from llmquant.quant.primitives import dequantize, grouped_view, quantize, quantize_activation, sqnr_db
 

@@ -4,9 +4,9 @@ import pytest
 from torch import nn
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.plan import auto_group_size, config_groups, plan_layers, unquantized_linear_names
-from llmquant.quant.recipe import recipe_from_scheme
-from llmquant.quant.targets import best_group, linear_layers
+from llmquant.quant.pipeline.plan import auto_group_size, config_groups, plan_layers, unquantized_linear_names
+from llmquant.config.recipe import recipe_from_scheme
+from llmquant.quant.pipeline.targets import best_group, linear_layers
 
 
 class Block(nn.Module):

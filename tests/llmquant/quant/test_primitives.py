@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmquant.quant.args import FLOAT, INT, QuantArgs
+from llmquant.config.args import FLOAT, INT, QuantArgs
 from llmquant.quant.primitives import (compute_qparams, dequantize, fake_quantize, grouped_view, quantize,
                                        quantize_activation, sqnr_db)
 

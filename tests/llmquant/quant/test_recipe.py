@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.quantize import build_recipe
-from llmquant.quant.recipe import Recipe
+from llmquant.quant.pipeline.quantize import build_recipe
+from llmquant.config.recipe import Recipe
 
 CONFIGS = sorted((Path(__file__).parents[3] / "configs" / "quant").glob("*.yaml"))
 

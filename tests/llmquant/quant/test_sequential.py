@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.gptq import accumulate_hessian
-from llmquant.quant.gptq_model import GPTQHandler
+from llmquant.quant.algorithms.gptq import accumulate_hessian
+from llmquant.quant.algorithms.gptq_handler import GPTQHandler
 from llmquant.quant.linear import QuantizedLinear
-from llmquant.quant.memory_plan import check_plan, plan_sequential
-from llmquant.quant.plan import plan_layers
-from llmquant.quant.recipe import GPTQConfig, recipe_from_scheme
-from llmquant.quant.sequential import run_sequential
-from llmquant.quant.targets import linear_layers
+from llmquant.quant.pipeline.memory_plan import check_plan, plan_sequential
+from llmquant.quant.pipeline.plan import plan_layers
+from llmquant.config.recipe import GPTQConfig, recipe_from_scheme
+from llmquant.quant.pipeline.sequential import run_sequential
+from llmquant.quant.pipeline.targets import linear_layers
 
 SMALL = dict(num_samples=8, seq_len=64, verify=False, progress=False, dtype="float32")
 

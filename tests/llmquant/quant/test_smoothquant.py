@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.recipe import Recipe
-from llmquant.quant.smoothquant import apply_smoothing, find_mappings, Mapping, smooth_model, smoothing_scales
+from llmquant.config.recipe import Recipe
+from llmquant.quant.algorithms.smoothquant import apply_smoothing, find_mappings, Mapping, smooth_model, smoothing_scales
 
 
 def test_scales_by_hand():
@@ -95,7 +95,7 @@ def test_recipe_section():
 
 
 def test_w8a8_runs_smoothquant_unless_told_not_to():
-    from llmquant.quant.quantize import build_recipe
+    from llmquant.quant.pipeline.quantize import build_recipe
 
     assert build_recipe(scheme="W8A8").smoothquant.alpha == "auto"
     assert build_recipe(scheme="W8A8", smoothquant=False).smoothquant is None

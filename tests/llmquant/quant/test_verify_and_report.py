@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from llmquant.quant.kernels import Int4PackCpu, select_kernel
-from llmquant.quant.report import LayerReport, QuantReport
-from llmquant.quant.verify import compare_to_reference, reference_logprobs
+from llmquant.kernels.registry import Int4PackCpu, select_kernel
+from llmquant.quant.pipeline.report import LayerReport, QuantReport
+from llmquant.quant.pipeline.verify import compare_to_reference, reference_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_report_orders_worst_first_and_writes_both_files(tmp_path):
 
 
 def test_a_kernel_that_disagrees_with_the_reference_is_not_used(monkeypatch, caplog):
-    from llmquant.quant.args import QuantArgs, QuantScheme
+    from llmquant.config.args import QuantArgs, QuantScheme
     from llmquant.quant.linear import QuantizedLinear
 
     lin = torch.nn.Linear(128, 64, bias=False)

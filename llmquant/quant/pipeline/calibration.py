@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from llmquant.quant.args import QuantScheme
-from llmquant.quant.expert_calibration import ExpertCalibration
+from llmquant.config.args import QuantScheme
+from llmquant.quant.pipeline.expert_calibration import ExpertCalibration
 from llmquant.quant.observers import ActivationHistogram, DynamicActivationError
 
 ActivationStats = ActivationHistogram | DynamicActivationError

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmquant.quant import cpu_ext
-from llmquant.quant.args import FLOAT, FP8_DTYPE, FP8_MAX, INT
+from llmquant.kernels import cpu_ext
+from llmquant.config.args import FLOAT, FP8_DTYPE, FP8_MAX, INT
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmquant.quant.args import QuantArgs
+from llmquant.config.args import QuantArgs
 from llmquant.quant.observers import shrink_search
 
 _REFIT_RIDGE = 1e-6  # relative to the mean diagonal of each row's normal matrix: keeps it invertible

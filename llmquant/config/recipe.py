@@ -44,9 +44,9 @@ from typing import Any
 import yaml
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.args import QuantArgs, QuantScheme, reject_unknown_keys
-from llmquant.quant.presets import PRESETS, SMOOTHQUANT_BY_DEFAULT, preset
-from llmquant.quant.targets import validate_patterns
+from llmquant.config.args import QuantArgs, QuantScheme, reject_unknown_keys
+from llmquant.config.presets import PRESETS, SMOOTHQUANT_BY_DEFAULT, preset
+from llmquant.quant.pipeline.targets import validate_patterns
 
 GROUP_SIZE_FALLBACKS = ("error", "channel", "skip")
 MOE_CALIBRATION_MODES = ("routed", "all")

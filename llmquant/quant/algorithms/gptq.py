@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmquant.quant.args import FLOAT, FP8_DTYPE, FP8_MAX, QuantArgs
-from llmquant.quant.gptq_scales import hessian_weighted_qparams, refit_scales
+from llmquant.config.args import FLOAT, FP8_DTYPE, FP8_MAX, QuantArgs
+from llmquant.quant.algorithms.gptq_scales import hessian_weighted_qparams, refit_scales
 from llmquant.quant.observers import weight_qparams
 from llmquant.quant.primitives import fp8_to_float, grouped_view
 

@@ -23,18 +23,18 @@ from llmquant.checkpoint.atomic import atomic_directory, check_output_dir
 from llmquant.checkpoint.ct_config import build_quantization_config
 from llmquant.checkpoint.save import save_quantized
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.calibration import observe_activations
-from llmquant.quant.coverage import measure_coverage
-from llmquant.quant.expert_calibration import ExpertCalibration
-from llmquant.quant.gptq_model import scale_dtype_for
+from llmquant.quant.pipeline.calibration import observe_activations
+from llmquant.quant.pipeline.coverage import measure_coverage
+from llmquant.quant.pipeline.expert_calibration import ExpertCalibration
+from llmquant.quant.algorithms.gptq_handler import scale_dtype_for
 from llmquant.quant.linear import QuantizedLinear
-from llmquant.quant.plan import LayerPlan, auto_group_size, config_groups, plan_layers, unquantized_linear_names
+from llmquant.quant.pipeline.plan import LayerPlan, auto_group_size, config_groups, plan_layers, unquantized_linear_names
 from llmquant.quant.primitives import sqnr_db
-from llmquant.quant.recipe import CalibrationConfig, AWQConfig, GPTQConfig, MixedPrecisionConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
-from llmquant.quant.report import LayerReport, QuantReport
-from llmquant.quant.smoothquant import smooth_model
-from llmquant.quant.targets import linear_layers, set_submodule
-from llmquant.quant.verify import Agreement, compare_to_reference, reference_logprobs
+from llmquant.config.recipe import CalibrationConfig, AWQConfig, GPTQConfig, MixedPrecisionConfig, Recipe, SmoothQuantConfig, recipe_from_scheme
+from llmquant.quant.pipeline.report import LayerReport, QuantReport
+from llmquant.quant.algorithms.smoothquant import smooth_model
+from llmquant.quant.pipeline.targets import linear_layers, set_submodule
+from llmquant.quant.pipeline.verify import Agreement, compare_to_reference, reference_logprobs
 
 if TYPE_CHECKING:
     from llmquant.hub.push import PushResult
@@ -258,7 +258,7 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
             _say(progress, f"  SmoothQuant skipped {name}: {why}")
         _round_to_storage(net, smoothing.touched - {p.name for p in plans if p.scheme}, loaded.source_dtype)
     if rec.awq is not None:
-        from llmquant.quant.awq import awq_model
+        from llmquant.quant.algorithms.awq import awq_model
 
         _say(progress, f"AWQ scale search on {batches.shape[0]} x {batches.shape[1]} tokens")
         smoothing = awq_model(net, batches, rec.scheme.weights, grid=rec.awq.grid,
@@ -310,7 +310,7 @@ def quantize(model=None, *, output: str | os.PathLike | None = None, scheme: str
     timings["total"] = time.perf_counter() - t_start
     report.timings_s = timings
     if output is not None and rec.gptq is not None:
-        from llmquant.quant.resume import discard, resume_dir
+        from llmquant.quant.pipeline.resume import discard, resume_dir
 
         discard(resume_dir(output))  # the checkpoint is complete: nothing left to resume
     out_path = Path(output).expanduser().absolute() if output is not None else None
@@ -393,8 +393,8 @@ def _calibration_batches(tokenizer, rec: Recipe, plans: list[LayerPlan]) -> torc
 def _choose_mixed_precision(net, tokenizer, rec: Recipe, plans: list[LayerPlan], progress: bool) -> dict:
     """Measure each layer's sensitivity and give the sensitive ones the high scheme (mixed.py)."""
     from llmquant.data import calibration_batches
-    from llmquant.quant.mixed import choose_schemes, layer_sensitivities
-    from llmquant.quant.presets import preset
+    from llmquant.quant.algorithms.mixed import choose_schemes, layer_sensitivities
+    from llmquant.config.presets import preset
 
     mp, cal = rec.mixed_precision, rec.calibration
     high = preset(mp.high)
@@ -421,11 +421,11 @@ def _run_gptq(net, rec: Recipe, plans: list[LayerPlan], batches: torch.Tensor, l
               progress: bool):
     """GPTQ, decoder layer by decoder layer, on the calibration batches (gptq_model.py), after a
     memory/time plan; with an output folder, a resume point is saved after every layer."""
-    from llmquant.quant import resume as resume_points
-    from llmquant.quant.gptq_model import GPTQHandler
-    from llmquant.quant.memory_plan import check_plan, plan_sequential
+    from llmquant.quant.pipeline import resume as resume_points
+    from llmquant.quant.algorithms.gptq_handler import GPTQHandler
+    from llmquant.quant.pipeline.memory_plan import check_plan, plan_sequential
     from llmquant.arch.layers import find_decoder_layers
-    from llmquant.quant.sequential import capture_first_inputs, run_sequential
+    from llmquant.quant.pipeline.sequential import capture_first_inputs, run_sequential
 
     cal, g = rec.calibration, rec.gptq
     description = (f"{batches.shape[0]} x {cal.seq_len} tokens from {cal.dataset} (calibration split, seed "

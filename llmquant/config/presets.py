@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.args import FLOAT, INT, QuantArgs, QuantScheme
+from llmquant.config.args import FLOAT, INT, QuantArgs, QuantScheme
 
 _INT8_CHANNEL = QuantArgs(num_bits=8, type=INT, strategy="channel")
 _FP8_CHANNEL = QuantArgs(num_bits=8, type=FLOAT, strategy="channel")

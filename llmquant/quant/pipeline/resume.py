@@ -22,9 +22,9 @@ from torch import nn
 
 from llmquant.errors import InvalidConfigError
 from llmquant.quant.linear import QuantizedLinear
-from llmquant.quant.report import LayerReport
-from llmquant.quant.sequential import LayerInputs
-from llmquant.quant.targets import set_submodule
+from llmquant.quant.pipeline.report import LayerReport
+from llmquant.quant.pipeline.sequential import LayerInputs
+from llmquant.quant.pipeline.targets import set_submodule
 
 STATE = "state.json"
 INPUTS = "inputs.safetensors"

@@ -13,8 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmquant.quant.coverage import Coverage
-from llmquant.quant.expert_calibration import ALL_TOKENS
+from llmquant.quant.pipeline.coverage import Coverage
+from llmquant.quant.pipeline.expert_calibration import ALL_TOKENS
 
 REPORT_JSON = "quantization_report.json"
 REPORT_MD = "quantization_report.md"

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from llmquant.quant.args import QuantScheme
+from llmquant.config.args import QuantScheme
 from llmquant.quant.observers import weight_qparams
-from llmquant.quant.plan import LayerPlan
+from llmquant.quant.pipeline.plan import LayerPlan
 from llmquant.quant.primitives import fake_quantize, grouped_view
-from llmquant.quant.verify import compare_to_reference, reference_logprobs
+from llmquant.quant.pipeline.verify import compare_to_reference, reference_logprobs
 
 SCALE_BITS = 16  # weight-only scales are stored in the model's 16-bit dtype
 
@@ -102,7 +102,7 @@ class _TailRunner:
     @classmethod
     def build(cls, model: nn.Module, windows: Tensor) -> "_TailRunner | None":
         from llmquant.arch.layers import find_decoder_layers
-        from llmquant.quant.sequential import capture_first_inputs
+        from llmquant.quant.pipeline.sequential import capture_first_inputs
 
         try:
             prefix, layers = find_decoder_layers(model)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmquant.arch.mappings import Mapping, check_readers, find_mappings
-from llmquant.quant.calibration import forward_for_statistics
+from llmquant.quant.pipeline.calibration import forward_for_statistics
 
 MIN_VALUE = 1e-5
 AUTO_ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)

@@ -17,8 +17,8 @@ from torch import nn
 
 from llmquant.arch.registry import DEFAULT, ROUTER_NOTE, ArchSpec, is_router, model_spec, to_checkpoint_name
 from llmquant.errors import InvalidConfigError
-from llmquant.quant.args import QuantScheme
-from llmquant.quant.recipe import Recipe
+from llmquant.config.args import QuantScheme
+from llmquant.config.recipe import Recipe
 
 AUTO_GROUP_SIZES = (128, 64, 32)
 

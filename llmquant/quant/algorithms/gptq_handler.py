@@ -18,17 +18,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from llmquant.quant.args import QuantScheme
-from llmquant.quant.calibration import ActivationStats
-from llmquant.quant.expert_calibration import ExpertCalibration
-from llmquant.quant.gptq import accumulate_hessian, gptq_quantize_weight
+from llmquant.config.args import QuantScheme
+from llmquant.quant.pipeline.calibration import ActivationStats
+from llmquant.quant.pipeline.expert_calibration import ExpertCalibration
+from llmquant.quant.algorithms.gptq import accumulate_hessian, gptq_quantize_weight
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.observers import ActivationHistogram, DynamicActivationError
-from llmquant.quant.plan import LayerPlan
+from llmquant.quant.pipeline.plan import LayerPlan
 from llmquant.quant.primitives import sqnr_db
-from llmquant.quant.recipe import GPTQConfig
-from llmquant.quant.report import LayerReport
-from llmquant.quant.targets import set_submodule
+from llmquant.config.recipe import GPTQConfig
+from llmquant.quant.pipeline.report import LayerReport
+from llmquant.quant.pipeline.targets import set_submodule
 
 
 class _Hessian:

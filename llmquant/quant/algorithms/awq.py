@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from llmquant.quant.args import QuantArgs
+from llmquant.config.args import QuantArgs
 from llmquant.quant.observers import weight_qparams
 from llmquant.quant.primitives import fake_quantize, grouped_view
-from llmquant.quant.smoothquant import NEVER_RAN, Mapping, SmoothingResult, feed_calibration, fold, usable_mappings
+from llmquant.quant.algorithms.smoothquant import NEVER_RAN, Mapping, SmoothingResult, feed_calibration, fold, usable_mappings
 
 SAMPLE_ROWS = 512
 MIN_VALUE = 1e-4

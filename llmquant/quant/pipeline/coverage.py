@@ -17,7 +17,7 @@ from torch import nn
 
 from llmquant.arch.registry import ROUTER_NOTE, is_router, model_spec, to_checkpoint_name
 from llmquant.quant.linear import QuantizedLinear
-from llmquant.quant.targets import match_kind
+from llmquant.quant.pipeline.targets import match_kind
 
 DEFAULT_IGNORE = ("lm_head",)
 LOW_SHARE = 0.5  # below this share of non-embedding parameters quantized, the run warns
