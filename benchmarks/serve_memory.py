@@ -36,7 +36,7 @@ for _ in engine.generate(list(range(100, 132)), SamplingParams(max_tokens=16, te
     pass
 after_request = process.memory_info().rss
 engine.shutdown()
-print(json.dumps({"forward": type(engine._lean).__name__ if engine._lean is not None else "transformers",
+print(json.dumps({"forward": engine.forward.name,
                   "loaded_mb": (after_load - start) / 1e6, "engine_mb": (after_engine - start) / 1e6,
                   "after_request_mb": (after_request - start) / 1e6}))
 """

@@ -3,7 +3,7 @@
 For the demo model as stored (bf16) and its W8A8 and W4A16 (group 64) folders, loaded in bf16
 compute: batch-1 decode tokens/s and 512-token prefill tokens/s, for
 - llmquant's engine (`serve.Engine`: the lean forward -- on a CPU with AVX-512 VNNI the compiled
-  decode kernels and the C++ batch-1 layer loop, serve/lean_forward_cpu.py -- then with
+  decode kernels and the C++ batch-1 layer loop, serve/forward/cpu_backend.py -- then with
   `lean_forward=False`, i.e. the transformers forward inside the same engine, to show what the
   lean forward adds; its quantized layers still use llmquant's kernels);
 - transformers `generate()` on the same loaded model object (same quantized layers);
@@ -130,12 +130,12 @@ def llamacpp_runs(python: str, gguf: Path, ids: list[int]) -> tuple[float, float
 
 def forward_path(engine) -> str:
     """Which forward the engine runs: the row label says it, so a refused fast path is visible."""
-    lean = engine._lean
-    if lean is None:
+    steps = getattr(engine.forward, "steps", None)  # a lean forward's steps; transformers' has none
+    if steps is None:
         return "lean forward refused by its probe"
-    if getattr(lean, "stack", None) is not None:
+    if getattr(steps, "stack", None) is not None:
         return "C++ decode loop"
-    return type(lean).__name__
+    return engine.forward.name
 
 
 def cpu_description() -> str:

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from llmquant.eval.perplexity import DEFAULT_MAX_WINDOW, _check_options, _model_dtype, _resolve_model, context_length
-from llmquant.eval.scoring import _accepts_logits_to_keep, model_device
-from llmquant.eval.windows import batches_of_equal_shape, plan_windows
-from llmquant.data.splits import load_text_split
+from llmquant.data.eval_data import EvalData
+from llmquant.data.evaluation import describe_scored, scored_text
 from llmquant.data.tokenize import tokenize_split
 from llmquant.errors import InvalidConfigError
+from llmquant.eval.local_model import DEFAULT_MAX_WINDOW, context_length, dtype_name, resolve_model
+from llmquant.eval.scoring import accepts_logits_to_keep, model_device
+from llmquant.eval.windows import batches_of_equal_shape, plan_windows
 
 
 @dataclass
@@ -57,45 +58,31 @@ class AgreementResult:
         return asdict(self)
 
 
-def agreement(
-    model: Any,
-    base: Any = None,
-    *,
-    dataset: str | None = None,
-    max_tokens: int | None = None,
-    window: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 1,
-    text_field: str = "text",
-    config_name: str | None = None,
-    split: str | None = None,
-    dtype: str | torch.dtype = "auto",
-    device: str | torch.device | None = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-) -> AgreementResult:
-    """KL divergence and top-1 agreement of `model` against `base` on the evaluation split.
+def agreement(model: Any, base: Any = None, data: EvalData | None = None, *, base_revision: str | None = None,
+              progress: bool = True, **options: Any) -> AgreementResult:
+    """KL divergence and top-1 agreement of `model` against `base` on the text `data` selects.
 
     model, base: each a source for `llmquant.load_model` (None: the demo model), a
     `LoadedModel` or a `(model, tokenizer)` pair. Both must share a tokenizer: the windows are
-    cut once, from the base model's tokens. The other arguments mean what they mean in
-    `eval.perplexity`.
+    cut once, from the base model's tokens. `data` (or its fields as keyword `options`) means
+    what it means in `eval.perplexity`; its loading options apply to both models, except its
+    `revision`, which is the model's: the base's is `base_revision`.
     """
-    _check_options(max_tokens=max_tokens, window=window, stride=stride, batch_size=batch_size)
-    text_split = load_text_split(dataset, "evaluation", split=split, config_name=config_name,
-                                 text_field=text_field)
-    load = dict(dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    base_lm, base_tok, base_name = _resolve_model(base, revision=None, **load)
-    lm, tok, name = _resolve_model(model, revision=None, **load)
+    data = EvalData.build(data, **options)
+    text_split = scored_text(data)
+    load = data.load_options()
+    base_lm, base_tok, base_name = resolve_model(base, **{**load, "revision": base_revision})
+    lm, tok, name = resolve_model(model, **load)
     check_same_tokenizer(tok, base_tok, name, base_name)
     context = min(c for c in (context_length(lm), context_length(base_lm), DEFAULT_MAX_WINDOW * 1024) if c)
+    window = data.window
     if window is None:
         window = min(context, DEFAULT_MAX_WINDOW)
     elif window > context:
         raise InvalidConfigError(f"window {window} is longer than the models' context length ({context} tokens).")
-    stride = stride if stride is not None else window
-    stream = tokenize_split(base_tok, text_split, max_tokens=max_tokens)
+    stride = data.stride if data.stride is not None else window
+    batch_size = data.batch_size
+    stream = tokenize_split(base_tok, text_split, max_tokens=data.max_tokens)
     windows = plan_windows(stream.num_tokens, window, stride)
 
     kl_all: list[torch.Tensor] = []
@@ -141,11 +128,12 @@ def agreement(
         per_window_top1=per_window_top1,
         method={
             "dataset": stream.dataset, "split": stream.split, "data": stream.description,
-            "num_tokens": stream.num_tokens, "max_tokens": max_tokens, "window": window, "stride": stride,
+            "scored": describe_scored(stream),
+            "num_tokens": stream.num_tokens, "max_tokens": data.max_tokens, "window": window, "stride": stride,
             "num_windows": len(windows), "batch_size": batch_size, "normalization": "token",
             "kl": "KL(P_base || P_model), nats, full vocabulary, float32",
-            "dtype": str(_model_dtype(lm)).removeprefix("torch."),
-            "base_dtype": str(_model_dtype(base_lm)).removeprefix("torch."),
+            "dtype": dtype_name(lm),
+            "base_dtype": dtype_name(base_lm),
             "device": str(model_device(lm)),
         },
         seconds=seconds,
@@ -158,7 +146,7 @@ def scored_logprobs(model: torch.nn.Module, ids: torch.Tensor, num_scored: int) 
     """Float32 log-probabilities (B, num_scored, V) predicting the last `num_scored` tokens."""
     keep = num_scored + 1
     kwargs: dict[str, Any] = {"use_cache": False}
-    if _accepts_logits_to_keep(type(model)):
+    if accepts_logits_to_keep(type(model)):
         kwargs["logits_to_keep"] = keep
     logits = model(input_ids=ids.to(model_device(model)), **kwargs).logits[:, -keep:-1, :]
     return torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -16,6 +16,17 @@ from llmquant.errors import InvalidConfigError, LLMQuantError
 class EndpointError(LLMQuantError):
     """The server could not be reached, or answered with an error."""
 
+    @classmethod
+    def unreachable(cls, endpoint: "Endpoint", error: BaseException) -> "EndpointError":
+        """No answer at all (refused, unknown host, timed out): say where, and how to start a server."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(endpoint.url)
+        port = f" --port {parts.port}" if parts.port else ""
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return cls(f"Could not reach {endpoint.url} ({detail}). Is a server running there? Start one with "
+                   f"`llmquant serve MODEL{port}` (or any OpenAI-compatible server), or check the URL.")
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -43,9 +54,13 @@ class Endpoint:
 
 def resolve_model_name(client: Any, endpoint: Endpoint) -> str:
     """The model to name in requests: the one given, else the first one the server lists."""
+    # Asked even when the name is given: an address with no server behind it fails here, at once.
+    try:
+        response = client.get(endpoint.url + "/models", headers=endpoint.headers())
+    except transport_errors() as e:
+        raise EndpointError.unreachable(endpoint, e) from None
     if endpoint.model:
-        return endpoint.model
-    response = client.get(endpoint.url + "/models", headers=endpoint.headers())
+        return endpoint.model  # the server answered; a wrong name is reported by the first request
     check_response(response, endpoint)
     data = response.json().get("data") or []
     if not data:

@@ -107,10 +107,10 @@ def load_test(
     if num_prompts < 1 or input_len < 1 or output_len < 1:
         raise InvalidConfigError("num_prompts, input_len and output_len must be at least 1.")
     endpoint = Endpoint(base_url, model, api_key)
+    with http_client(timeout) as client:  # first: a wrong URL fails before the tokenizer loads
+        name = resolve_model_name(client, endpoint)
     tok = load_tokenizer(tokenizer)
     token_prompts = make_prompts(tok, prompts, num_prompts, input_len, seed)
-    with http_client(timeout) as client:
-        name = resolve_model_name(client, endpoint)
     records, duration = asyncio.run(_run_all(endpoint, name, token_prompts, output_len, concurrency, request_rate,
                                              seed, timeout, progress))
     return summarize(records, duration, model=f"{name} at {endpoint.url}", method={

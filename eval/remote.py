@@ -28,12 +28,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from llmquant.data.eval_data import EvalData
+from llmquant.data.evaluation import describe_scored, scored_text
+from llmquant.data.tokenize import tokenize_split
 from llmquant.eval.endpoint import Endpoint, EndpointError, check_response, http_client, load_tokenizer, \
     resolve_model_name, transport_errors
-from llmquant.eval.perplexity import DEFAULT_MAX_WINDOW, _check_options
+from llmquant.eval.local_model import DEFAULT_MAX_WINDOW
 from llmquant.eval.windows import Window, plan_windows
-from llmquant.data.splits import load_text_split
-from llmquant.data.tokenize import tokenize_split
 
 
 @dataclass
@@ -54,63 +55,52 @@ class RemotePerplexityResult:
         return asdict(self)
 
 
-def remote_perplexity(
-    base_url: str,
-    model: str | None = None,
-    *,
-    api_key: str | None = None,
-    tokenizer: Any = None,
-    base: Any = None,
-    dataset: str | None = None,
-    max_tokens: int | None = None,
-    window: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 1,
-    text_field: str = "text",
-    config_name: str | None = None,
-    split: str | None = None,
-    timeout: float = 600.0,
-    progress: bool = True,
-) -> RemotePerplexityResult:
+def remote_perplexity(base_url: str, model: str | None = None, data: EvalData | None = None, *,
+                      api_key: str | None = None, tokenizer: Any = None, base: Any = None, timeout: float = 600.0,
+                      progress: bool = True, **options: Any) -> RemotePerplexityResult:
     """Sliding-window perplexity of the model served at `base_url` (see the module docstring).
 
     model: the served model name (default: the first /v1/models lists).
     tokenizer: the model's tokenizer, as a source (folder, Hub id, None: the demo model) or an
         object. base: a local model (source or `LoadedModel`) for top-1 agreement; optional.
-    window: default 1024 tokens; batch_size: windows per request.
+    data: an `llmquant.data.EvalData` (or its fields as keyword `options`), as in
+        `eval.perplexity`; window default 1024 tokens; batch_size: windows per request; its
+        loading options apply to `base`.
     """
-    _check_options(max_tokens=max_tokens, window=window, stride=stride, batch_size=batch_size)
+    data = EvalData.build(data, **options)
     endpoint = Endpoint(base_url, model, api_key)
-    text_split = load_text_split(dataset, "evaluation", split=split, config_name=config_name,
-                                 text_field=text_field)
-    tok = load_tokenizer(tokenizer)
-    window = window or DEFAULT_MAX_WINDOW
-    stride = stride or window
-    stream = tokenize_split(tok, text_split, max_tokens=max_tokens)
-    windows = plan_windows(stream.num_tokens, window, stride)
-    base_lm, base_name = _base_model(base)
-    decode = _token_text(tok)
+    text_split = scored_text(data)
+    window = data.window or DEFAULT_MAX_WINDOW
+    stride = data.stride or window
+    batch_size = data.batch_size
 
     nll_sum, scored, agree = 0.0, 0, 0
     per_window: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(total=len(windows), desc="remote perplexity", unit="window", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
-    with http_client(timeout) as client, bar:
+    with http_client(timeout) as client:
+        # Ask the server first: a wrong URL fails in a second, before a tokenizer or base model loads.
         name = resolve_model_name(client, endpoint)
-        for i in range(0, len(windows), batch_size):
-            batch = windows[i:i + batch_size]
-            prompts = [stream.ids[w.begin:w.end].tolist() for w in batch]
-            for w, prompt, logprobs in zip(batch, prompts, _prompt_logprobs(client, endpoint, name, prompts)):
-                lps, tops = _scored_entries(w, prompt, logprobs)
-                nll = -sum(lps)
-                nll_sum += nll
-                scored += len(lps)
-                per_window.append(nll / len(lps))
-                if base_lm is not None:
-                    agree += _count_top1(base_lm, prompt, w, tops, decode)
-            bar.update(len(batch))
-            bar.set_postfix(ppl=f"{_exp(nll_sum / scored):.3f}")
+        tok = load_tokenizer(tokenizer, trust_remote_code=data.load.trust_remote_code)
+        stream = tokenize_split(tok, text_split, max_tokens=data.max_tokens)
+        windows = plan_windows(stream.num_tokens, window, stride)
+        base_lm, base_name = _base_model(base, data)
+        decode = _token_text(tok)
+        start = time.perf_counter()
+        bar = tqdm(total=len(windows), desc="remote perplexity", unit="window", file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True)
+        with bar:
+            for i in range(0, len(windows), batch_size):
+                batch = windows[i:i + batch_size]
+                prompts = [stream.ids[w.begin:w.end].tolist() for w in batch]
+                for w, prompt, logprobs in zip(batch, prompts, _prompt_logprobs(client, endpoint, name, prompts)):
+                    lps, tops = _scored_entries(w, prompt, logprobs)
+                    nll = -sum(lps)
+                    nll_sum += nll
+                    scored += len(lps)
+                    per_window.append(nll / len(lps))
+                    if base_lm is not None:
+                        agree += _count_top1(base_lm, prompt, w, tops, decode)
+                bar.update(len(batch))
+                bar.set_postfix(ppl=f"{_exp(nll_sum / scored):.3f}")
     seconds = time.perf_counter() - start
     return RemotePerplexityResult(
         perplexity=_exp(nll_sum / scored), nll_per_token=nll_sum / scored, num_tokens_scored=scored,
@@ -118,7 +108,8 @@ def remote_perplexity(
         top1_agreement=agree / scored if base_lm is not None else None,
         method={
             "endpoint": endpoint.url, "served_model": name, "dataset": stream.dataset, "split": stream.split,
-            "data": stream.description, "num_tokens": stream.num_tokens, "max_tokens": max_tokens,
+            "data": stream.description, "scored": describe_scored(stream), "num_tokens": stream.num_tokens,
+            "max_tokens": data.max_tokens,
             "window": window, "stride": stride, "num_windows": len(windows), "batch_size": batch_size,
             "normalization": "token", "bos": False,
             "how": "POST /v1/completions, token-id prompts, echo=true, max_tokens=0, logprobs=1",
@@ -134,7 +125,7 @@ def _prompt_logprobs(client, endpoint: Endpoint, name: str, prompts: list[list[i
     try:
         response = client.post(endpoint.url + "/completions", json=body, headers=endpoint.headers())
     except transport_errors() as e:
-        raise EndpointError(f"Could not reach {endpoint.url}: {e}") from None
+        raise EndpointError.unreachable(endpoint, e) from None
     check_response(response, endpoint)
     choices = sorted(response.json()["choices"], key=lambda c: c["index"])
     if len(choices) != len(prompts) or any(c.get("logprobs") is None for c in choices):
@@ -170,12 +161,12 @@ def _count_top1(base_lm, prompt: list[int], w: Window, tops: list[dict | None], 
     return agree
 
 
-def _base_model(base: Any):
+def _base_model(base: Any, data: EvalData):
     if base is None:
         return None, None
     from llmquant.loading import LoadedModel, load_model
 
-    loaded = base if isinstance(base, LoadedModel) else load_model(base)
+    loaded = base if isinstance(base, LoadedModel) else load_model(base, **data.load_options())
     return loaded.model, loaded.source.describe()
 
 

@@ -38,7 +38,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @functools.lru_cache(maxsize=32)
-def _accepts_logits_to_keep(forward_type: type) -> bool:
+def accepts_logits_to_keep(forward_type: type) -> bool:
     return "logits_to_keep" in inspect.signature(forward_type.forward).parameters
 
 
@@ -55,7 +55,7 @@ def window_nll(model: torch.nn.Module, input_ids: torch.Tensor, num_scored: int)
     # largest matmul in a small model) on positions nobody reads.
     keep = num_scored + 1
     kwargs = {"use_cache": False}
-    if _accepts_logits_to_keep(type(model)):
+    if accepts_logits_to_keep(type(model)):
         kwargs["logits_to_keep"] = keep
     logits = model(input_ids=input_ids, **kwargs).logits[:, -keep:-1, :]
     log_probs = torch.log_softmax(logits.float(), dim=-1)

@@ -58,13 +58,15 @@ def offline_throughput(
     batch_sizes: tuple[int, ...] | list[int] = (1, 8, 32),
     decode_tokens: int = 32,
     prompt_tokens: int = 64,
+    revision: str | None = None,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> ThroughputResult:
-    """Prefill and decode speed, load time, memory and size of `model` (a source or a `LoadedModel`)."""
+    """Prefill and decode speed, load time, memory and size of `model` (a source or a `LoadedModel`;
+    the loading options, `revision` included, apply to a source)."""
     from llmquant.loading import LoadedModel, load_model
     from llmquant.serve.engine import Engine
 
@@ -80,7 +82,7 @@ def offline_throughput(
             loaded = model
         else:
             t = time.perf_counter()
-            loaded = load_model(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+            loaded = load_model(model, revision=revision, dtype=dtype, device=device, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code)
             load_seconds = time.perf_counter() - t
         engine = Engine(loaded, max_batch_size=max(batch_sizes), max_waiting=max(batch_sizes) + 1,

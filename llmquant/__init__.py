@@ -2,6 +2,9 @@
 
     import llmquant
     result = llmquant.quantize("HuggingFaceTB/SmolLM2-135M-Instruct", scheme="W8A8", output="out/")
+    recipe = llmquant.Recipe.load("configs/quant/w4a16_gptq.yaml")   # or build_recipe(scheme=..., gptq=True)
+    llmquant.quantize("org/model", recipe, load=llmquant.LoadOptions(revision="main"),
+                      run=llmquant.RunOptions(output="out/"))
     loaded = llmquant.load_model("out/")          # our runtime, quantized layers
     llmquant.distill(teacher, student_layers=15, steps=500, output="student/")  # smaller, retrained
 
@@ -27,7 +30,15 @@ _EXPORTS = {
     "PRESETS": "llmquant.config.presets",
     "QuantizeResult": "llmquant.quant.pipeline.quantize",
     "quantize": "llmquant.quant.pipeline.quantize",
+    "build_recipe": "llmquant.config.flags",
+    "LoadOptions": "llmquant.config.options",
+    "VerifyOptions": "llmquant.config.options",
+    "RunOptions": "llmquant.config.options",
     "CalibrationConfig": "llmquant.config.recipe",
+    "SmoothQuantConfig": "llmquant.config.recipe",
+    "AWQConfig": "llmquant.config.recipe",
+    "GPTQConfig": "llmquant.config.recipe",
+    "MixedPrecisionConfig": "llmquant.config.recipe",
     "Recipe": "llmquant.config.recipe",
     "PushResult": "llmquant.hub.push",
     "push": "llmquant.hub.push",

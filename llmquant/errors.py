@@ -47,6 +47,10 @@ class OutputExistsError(LLMQuantError):
     """The output folder exists and --overwrite was not given."""
 
 
+class OutputNotWritableError(LLMQuantError):
+    """The output folder cannot be created where it was asked for (no permission, a file in the way)."""
+
+
 class DataSourceError(LLMQuantError):
     """A text dataset that cannot be read (missing file, unknown format, Hub offline)."""
 

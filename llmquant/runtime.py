@@ -9,18 +9,22 @@ emulated and measured 6x slower than float32 (512x576 @ 576x1536: 51 ms vs 8 ms 
 from __future__ import annotations
 
 import functools
-
-import torch
+from typing import TYPE_CHECKING
 
 from llmquant.errors import InvalidConfigError
 
+if TYPE_CHECKING:
+    import torch
+
+# Names, not torch dtypes: the CLI reads DTYPE_NAMES to build its flags, and importing torch
+# (over a second) must wait until a command needs it.
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
@@ -41,6 +45,8 @@ def cpu_has_native_bf16() -> bool:
 
 def describe_device() -> str:
     """The GPU's name, or the CPU's model name and vector extensions, for reports."""
+    import torch
+
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name()}"
     name = ""
@@ -55,10 +61,14 @@ def describe_device() -> str:
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    import torch
+
     if device is None or device == "auto":
         return default_device()
     dev = torch.device(device)
@@ -72,6 +82,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """Turn a dtype name (or "auto"/None) into a torch dtype for computing on `device`."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
@@ -79,7 +91,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return torch.bfloat16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     try:
-        return _DTYPES[str(dtype).lower()]
+        return getattr(torch, _DTYPES[str(dtype).lower()])
     except KeyError:
         raise InvalidConfigError(
             f"Unknown dtype {dtype!r}; valid values: {', '.join(DTYPE_NAMES)}."

@@ -6,6 +6,7 @@
     serve("out/", port=8000)                                # what `llmquant serve out/` runs
 
 Files: engine.py (batching loop), kv_cache.py, sampling.py, detokenizer.py, events.py;
+forward/ (the model forward the engine runs: one interface, chosen per model by forward/select.py);
 app.py (routes), protocol.py (request bodies), completions.py / chat.py (responses),
 choices.py / fanout.py (shared plumbing), api_errors.py, metrics.py; server.py (uvicorn,
 graceful shutdown); vllm_backend.py (`--backend vllm`).

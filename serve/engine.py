@@ -25,8 +25,9 @@ import torch
 
 from llmquant.serve import kv_cache
 from llmquant.serve.detokenizer import IncrementalDetokenizer
-from llmquant.serve.lean_forward import build_lean_forward
-from llmquant.serve.lean_probe import PROBE_TEXT
+from llmquant.serve.forward.probe import probe_ids
+from llmquant.serve.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_MAX_WAITING
+from llmquant.serve.forward.select import select_forward
 from llmquant.serve.memory import release_freed_memory
 from llmquant.serve.events import (
     FINISH_ABORT,
@@ -41,9 +42,6 @@ from llmquant.serve.sampling import SamplingParams, apply_penalties, choose_toke
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH = 32
-DEFAULT_MAX_WAITING = 256
-DEFAULT_MAX_PREFILL_TOKENS = 4096
 IDLE_WAIT_S = 0.5
 
 
@@ -90,11 +88,10 @@ class Engine:
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len or limit, limit)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
-        self._cache_kwarg = _cache_kwarg(self.model)
-        # Llama-shaped models run a lean forward (same math, far fewer steps per token:
-        # lean_forward.py); it is checked against the transformers forward first.
-        self._lean = build_lean_forward(self.model, self.max_model_len, kv_cache.new_cache, self._cache_kwarg,
-                                        _probe_ids(self.tokenizer)) if lean_forward else None
+        # The model's forward: for Llama-shaped models a lean one (same math, far fewer steps per
+        # token), checked against transformers' own first; transformers' otherwise (forward/).
+        probe = probe_ids(self.tokenizer) if lean_forward else []
+        self.forward = select_forward(self.model, self.max_model_len, probe, lean=lean_forward)
         release_freed_memory()  # what building it freed goes back to the OS, not into the heap
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
@@ -223,14 +220,6 @@ class Engine:
                 longest = max(longest, len(seq.prompt_ids))
             return admitted
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache,
-                 all_logits: bool) -> torch.Tensor:
-        if self._lean is not None:
-            return self._lean(ids, positions, mask, cache, all_logits)
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, **{self._cache_kwarg: cache},
-                         use_cache=True, logits_to_keep=0 if all_logits else 1)
-        return out.logits.float()
-
     def _prefill(self, group: list[_Sequence]) -> None:
         """One forward pass over the prompts of `group`, left-padded to the longest; the rows
         that go on generating join the running batch."""
@@ -248,7 +237,7 @@ class Engine:
         mask = mask.long()  # (G, T) 1 on prompt tokens
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its own first token
         cache = kv_cache.new_cache()
-        logits = self._forward(ids, positions, mask if any(pads) else None, cache, want_prompt_lp)  # (G, T or 1, V)
+        logits = self.forward(ids, positions, mask if any(pads) else None, cache, want_prompt_lp)  # (G, T or 1, V)
         survivors = []
         for i, (seq, pad) in enumerate(zip(group, pads)):
             seq.cached = len(seq.prompt_ids)
@@ -281,7 +270,7 @@ class Engine:
         ids = torch.tensor([[s.output_ids[-1]] for s in rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[s.cached] for s in rows], device=self.device)  # (B, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        logits = self._forward(ids, positions, self._mask, self._cache, False)[:, -1]  # (B, V)
+        logits = self.forward(ids, positions, self._mask, self._cache, False)[:, -1]  # (B, V)
         for seq, row in zip(rows, logits):
             seq.cached += 1
             if not seq.cancelled:
@@ -373,18 +362,6 @@ def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], top: int):
         values, ids = torch.topk(logprobs, top, dim=-1)
         alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
     return [None] + [(c, a) for c, a in zip(chosen, alternatives)]
-
-
-def _probe_ids(tokenizer) -> list[int]:
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-    return ids if len(ids) >= 2 else [1, 2, 3, 4]
-
-
-def _cache_kwarg(model) -> str:
-    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, then goes)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

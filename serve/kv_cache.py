@@ -21,7 +21,11 @@ MIN_CAPACITY = 64
 
 class GrowingLayer(DynamicLayer):
     """Keys (B, H, capacity, Dk) and values (B, Hv, capacity, Dv); the first `length` columns are
-    in use."""
+    in use (`keys`/`values` are views of them).
+
+    A forward that writes new columns itself (the C++ decode loop writes each layer's new key and
+    value straight into the buffers) calls `reserve`, writes into `key_buffer`/`value_buffer`,
+    then `expose`s the new length."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -29,16 +33,25 @@ class GrowingLayer(DynamicLayer):
         self._v: Tensor | None = None
         self.length = 0
 
+    @property
+    def key_buffer(self) -> Tensor | None:
+        """The whole key buffer (B, H, capacity, Dk); None before the first update."""
+        return self._k
+
+    @property
+    def value_buffer(self) -> Tensor | None:
+        """The whole value buffer (B, Hv, capacity, Dv); None before the first update."""
+        return self._v
+
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if self._k is None:
             self.set(key_states, value_states)
             return self.keys, self.values
         new = self.length + key_states.shape[-2]
-        if new > self._k.shape[-2]:
-            self._reserve(new)
+        self.reserve(new)
         self._k[:, :, self.length:new] = key_states
         self._v[:, :, self.length:new] = value_states
-        self._expose(new)
+        self.expose(new)
         return self.keys, self.values
 
     def set(self, keys: Tensor, values: Tensor) -> None:
@@ -46,14 +59,20 @@ class GrowingLayer(DynamicLayer):
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self._k, self._v = keys, values
-        self._reserve(keys.shape[-2])
-        self._expose(keys.shape[-2])
+        self._grow(keys.shape[-2])
+        self.expose(keys.shape[-2])
 
-    def _reserve(self, needed: int) -> None:
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` columns (doubling, so appends stay O(new tokens))."""
+        if needed > self._k.shape[-2]:
+            self._grow(needed)
+
+    def _grow(self, needed: int) -> None:
         capacity = max(MIN_CAPACITY, 2 * needed)
         self._k, self._v = _grown(self._k, capacity), _grown(self._v, capacity)
 
-    def _expose(self, length: int) -> None:
+    def expose(self, length: int) -> None:
+        """Mark the first `length` columns of the buffers as the cache's contents."""
         self.length = length
         self.keys = self._k.narrow(2, 0, length)  # narrow: a third of the cost of [:, :, :length]
         self.values = self._v.narrow(2, 0, length)

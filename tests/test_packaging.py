@@ -16,9 +16,11 @@ def _package_folders() -> dict[str, Path]:
     folders = {"llmquant": ROOT / "llmquant", "llmquant.serve": ROOT / "serve", "llmquant.eval": ROOT / "eval"}
     found = {}
     for name, top in folders.items():
-        for init in top.rglob("__init__.py"):
-            parts = init.parent.relative_to(top).parts
-            found[".".join((name, *parts))] = init.parent
+        # Every folder that holds files ships: Python packages and data-only folders alike.
+        for folder in (top, *(d for d in top.rglob("*") if d.is_dir() and d.name != "__pycache__")):
+            if any(f.is_file() and f.suffix != ".pyc" for f in folder.iterdir()):
+                parts = folder.relative_to(top).parts
+                found[".".join((name, *parts))] = folder
     return found
 
 

@@ -29,7 +29,6 @@ Unknown keys are rejected with the list of valid ones.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +36,14 @@ from typing import Any
 
 import yaml
 
-from llmquant.errors import InvalidConfigError
 from llmquant.config.args import reject_unknown_keys
+from llmquant.data.eval_data import EvalData
+from llmquant.errors import InvalidConfigError
 
 TASK_KEYS: dict[str, tuple[str, ...]] = {
-    "perplexity": ("dataset", "max_tokens", "window", "stride", "batch_size", "text_field", "config_name", "split"),
-    "agreement": ("dataset", "max_tokens", "window", "stride", "batch_size", "text_field", "config_name", "split",
-                  "base"),
+    # The text and windows; each model's loading options come from its own entry.
+    "perplexity": EvalData.DATA_KEYS,
+    "agreement": (*EvalData.DATA_KEYS, "base"),
     "throughput": ("prefill_lengths", "batch_sizes", "decode_tokens", "prompt_tokens"),
     "load": ("concurrency", "request_rate", "num_prompts", "input_len", "output_len", "prompts", "seed",
              "max_batch_size"),
@@ -55,9 +55,9 @@ _QUANTIZE_EXCLUDED = {"model", "output", "overwrite", "progress", "dtype", "devi
 
 
 def quantize_keys() -> tuple[str, ...]:
-    from llmquant.quant.pipeline.quantize import quantize
+    from llmquant.config.flags import FLAGS_BY_NAME  # every keyword llmquant.quantize accepts
 
-    return tuple(n for n in inspect.signature(quantize).parameters if n not in _QUANTIZE_EXCLUDED)
+    return tuple(n for n in FLAGS_BY_NAME if n not in _QUANTIZE_EXCLUDED)
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,11 @@ class TaskSpec:
             raise InvalidConfigError(f"Unknown task {task!r}; valid tasks: {', '.join(TASK_KEYS)}.")
         params = {k: v for k, v in data.items() if k not in ("task", "name")}
         reject_unknown_keys(params, TASK_KEYS[task], f"task {task}")
+        if task in ("perplexity", "agreement"):
+            try:  # a wrong type or an impossible window fails when the suite is read, not mid-run
+                EvalData.build(**{k: v for k, v in params.items() if k in EvalData.DATA_KEYS})
+            except InvalidConfigError as e:
+                raise InvalidConfigError(f"task {data.get('name') or task}: {e}") from None
         return cls(task=task, params=params, name=data.get("name"))
 
 

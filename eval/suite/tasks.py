@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmquant.data.eval_data import EvalData
 from llmquant.eval.suite.config import TaskSpec
 from llmquant.eval.suite.models import SuiteModel, api_key
 
@@ -23,14 +24,15 @@ def run_task(task: TaskSpec, model: SuiteModel, *, base: SuiteModel | None, toke
 
 
 def _perplexity(params: dict, model: SuiteModel, *, base, tokenizer, progress: bool) -> dict:
+    data = EvalData.build(**params)
     if model.spec.kind == "url":
         from llmquant.eval.remote import remote_perplexity
 
-        return remote_perplexity(model.spec.url, model.spec.served_model, api_key=api_key(model.spec),
-                                 tokenizer=tokenizer, progress=progress, **params).to_dict()
+        return remote_perplexity(model.spec.url, model.spec.served_model, data, api_key=api_key(model.spec),
+                                 tokenizer=tokenizer, progress=progress).to_dict()
     from llmquant.eval import perplexity
 
-    return perplexity(model.loaded, progress=progress, **params).to_dict()
+    return perplexity(model.loaded, data, progress=progress).to_dict()
 
 
 def _agreement(params: dict, model: SuiteModel, *, base, tokenizer, progress: bool) -> dict:
@@ -39,16 +41,17 @@ def _agreement(params: dict, model: SuiteModel, *, base, tokenizer, progress: bo
         raise SkipTask("this is the base model the others are compared with")
     if base.loaded is None:
         raise SkipTask(f"the base model {base.spec.name} is not a local model; agreement needs its logits")
+    data = EvalData.build(**params)
     if model.spec.kind == "url":
         from llmquant.eval.remote import remote_perplexity
 
-        result = remote_perplexity(model.spec.url, model.spec.served_model, api_key=api_key(model.spec),
-                                   tokenizer=tokenizer, base=base.loaded, progress=progress, **params).to_dict()
+        result = remote_perplexity(model.spec.url, model.spec.served_model, data, api_key=api_key(model.spec),
+                                   tokenizer=tokenizer, base=base.loaded, progress=progress).to_dict()
         result["kl_mean"] = None  # not measurable over HTTP (see eval.remote)
         return result
     from llmquant.eval.agreement import agreement
 
-    return agreement(model.loaded, base.loaded, progress=progress, **params).to_dict()
+    return agreement(model.loaded, base.loaded, data, progress=progress).to_dict()
 
 
 def _throughput(params: dict, model: SuiteModel, *, base, tokenizer, progress: bool) -> dict:

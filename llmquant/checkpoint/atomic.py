@@ -15,13 +15,15 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from llmquant.errors import OutputExistsError
+from llmquant.errors import OutputExistsError, OutputNotWritableError
 
 PARTIAL_MARK = ".partial-"
+PROBE_MARK = ".write-probe-"
 
 
 def check_output_dir(target: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before hours of work) if `target` exists and may not be replaced."""
+    """Fail early (before hours of work) if `target` exists and may not be replaced, or if its
+    folder could not be created there. Writes nothing that stays."""
     target = Path(target).expanduser().absolute()
     if target.exists() and not overwrite:
         raise OutputExistsError(
@@ -30,7 +32,31 @@ def check_output_dir(target: str | os.PathLike, overwrite: bool) -> Path:
         )
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"The output path {target} exists and is not a folder.")
+    check_writable_parent(target)
     return target
+
+
+def check_writable_parent(target: Path) -> None:
+    """The folder is built beside `target` and renamed into place: its parent (or, where the
+    parent does not exist yet, the nearest folder above it, where the parents will be made)
+    must take a new entry. Permission bits do not say so for root or on read-only mounts, so a
+    probe file is created and removed."""
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputNotWritableError(
+            f"Cannot create the output folder {target}: {existing} is a file, not a folder. "
+            "Choose another --output.")
+    probe = existing / f"{PROBE_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as e:
+        raise OutputNotWritableError(
+            f"Cannot create the output folder {target}: {existing} is not writable ({e.strerror or e}). "
+            "Choose another --output, or a folder you may write to.") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager
@@ -40,9 +66,12 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     On an exception the temporary folder is removed and `target` is left untouched.
     """
     target = check_output_dir(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}{PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:  # the folder changed since the check
+        raise OutputNotWritableError(f"Cannot create the output folder {target}: {e}. Choose another --output.") from None
     try:
         yield tmp
     except BaseException:

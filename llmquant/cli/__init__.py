@@ -10,13 +10,30 @@ import argparse
 import logging
 import os
 import sys
+from importlib import import_module
+from typing import Iterable
 
 from llmquant.errors import LLMQuantError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from llmquant.cli import distill_cmd, eval_cmd, push_cmd, quantize_cmd, serve_cmd
+# name -> (module that registers the command's flags, the one line `llmquant --help` shows).
+# `llmquant --help` must answer instantly, so it never imports a command's module: those pull in
+# torch and transformers (seconds). tests/llmquant/cli/test_help.py checks these lines equal what
+# each module registers.
+COMMANDS = {
+    "quantize": ("llmquant.cli.quantize_cmd", "quantize a model and save a compressed-tensors checkpoint"),
+    "eval": ("llmquant.cli.eval_cmd", "measure models: perplexity, agreement, throughput, load, suites"),
+    "serve": ("llmquant.cli.serve_cmd", "serve a model through an OpenAI-compatible HTTP API"),
+    "distill": ("llmquant.cli.distill_cmd",
+                "make a smaller student from a teacher and train it to match the teacher"),
+    "push": ("llmquant.cli.push_cmd", "publish a model folder to the Hugging Face Hub with a model card"),
+}
 
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser with the full flags of `commands` (default: all of them); every other
+    command is listed by name and one-line help only, which costs no import."""
+    full = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(
         prog="llmquant",
         description="Quantize Hugging Face LLMs (INT8/INT4/FP8), save vLLM-loadable "
@@ -25,32 +42,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    quantize_cmd.register(sub)
-    eval_cmd.register(sub)
-    serve_cmd.register(sub)
-    distill_cmd.register(sub)
-    push_cmd.register(sub)
+    for name, (module, summary) in COMMANDS.items():
+        if name in full:
+            import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
+
+
+def _command_named(argv: list[str]) -> str | None:
+    # The first word that is not a flag picks the command (the only top-level flags are -v/-h).
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _quiet_libraries(verbose: bool, quiet: bool) -> None:
     # transformers and datasets are chatty at INFO/WARNING level about things our own
     # messages already cover; keep their warnings unless --verbose asks for more.
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    # transformers reads both variables when it is imported, so a command that fails before it
+    # needs transformers (a port in use, a bad flag) never pays for importing it here.
     if not verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        import transformers
-
-        transformers.logging.set_verbosity_error()
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     if quiet:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:  # already imported (a caller of main() in the same process)
+        if not verbose:
+            transformers.logging.set_verbosity_error()
+        if quiet:
+            transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser([c for c in [_command_named(argv)] if c in COMMANDS])
     args = parser.parse_args(argv)
     _quiet_libraries(args.verbose, getattr(args, "quiet", False))
     try:

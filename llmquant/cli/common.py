@@ -23,6 +23,29 @@ def add_model_arguments(parser: argparse.ArgumentParser, positional: str = "mode
                         help="allow running model code shipped in the repository")
 
 
+def add_flags(parser: argparse.ArgumentParser, flags) -> None:
+    """Declare the CLI spelling of each row of a flag table (llmquant/config/flags.py): help
+    sections in the order they first appear, a flag and its opposite (--gptq / --no-gptq) on
+    one dest, rows with the same `exclusive` id mutually exclusive."""
+    sections: dict = {None: parser}  # help section title -> its argument group
+    exclusive: dict = {}  # (section, exclusive id) -> its mutually exclusive group
+    for flag in flags:
+        if not flag.flags:
+            continue
+        if flag.group not in sections:
+            sections[flag.group] = parser.add_argument_group(flag.group)
+        where = sections[flag.group]
+        if flag.exclusive is not None or flag.negative:
+            key = (flag.group, flag.exclusive or flag.name)
+            if key not in exclusive:
+                exclusive[key] = where.add_mutually_exclusive_group()
+            where = exclusive[key]
+        where.add_argument(*flag.flags, dest=flag.name, default=flag.default(), help=flag.help, **flag.cli)
+        if flag.negative:
+            spelling, help_text = flag.negative
+            where.add_argument(spelling, dest=flag.name, action="store_false", help=help_text)
+
+
 def model_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of `llmquant.load_model` taken from the shared flags."""
     return dict(revision=args.revision, dtype=args.dtype, device=args.device,

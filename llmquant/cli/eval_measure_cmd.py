@@ -6,26 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from llmquant.cli.common import add_model_arguments, model_kwargs
+from llmquant.cli.eval_flags import add_data_arguments, add_output_argument, check_output, eval_data_from_args, \
+    positive_int, write_output
 from llmquant.errors import InvalidConfigError
-
-
-def _add_data_window_args(parser: argparse.ArgumentParser) -> None:
-    from llmquant.cli.eval_cmd import _DATASET_HELP, _positive_int
-
-    data = parser.add_argument_group("data and windows (as in `llmquant eval perplexity`)")
-    data.add_argument("--dataset", default="builtin", help=_DATASET_HELP)
-    data.add_argument("--dataset-config", default=None, metavar="CFG", help="Hub dataset configuration")
-    data.add_argument("--text-field", default="text", metavar="F", help="column holding the text (default: text)")
-    data.add_argument("--split", default=None, help="override the evaluation split")
-    data.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
-                      help="evaluate only the first N tokens of the split")
-    data.add_argument("--window", type=_positive_int, default=None, metavar="W", help="tokens per window")
-    data.add_argument("--stride", type=_positive_int, default=None, metavar="S", help="tokens a window advances by")
-    data.add_argument("--batch-size", type=_positive_int, default=1, metavar="B",
-                      help="windows per forward pass (remote: per request)")
 
 
 def _add_endpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -39,24 +24,10 @@ def _add_endpoint_args(parser: argparse.ArgumentParser) -> None:
                      help="folder, Hub id or .gguf whose tokenizer the served model uses (default: the demo model)")
 
 
-def _add_output_args(parser: argparse.ArgumentParser) -> None:
-    out = parser.add_argument_group("output")
-    out.add_argument("--output", type=Path, default=None, metavar="FILE", help="also write the result as JSON")
-
-
-def _data_kwargs(args) -> dict:
-    return dict(dataset=args.dataset, config_name=args.dataset_config, text_field=args.text_field, split=args.split,
-                max_tokens=args.max_tokens, window=args.window, stride=args.stride, batch_size=args.batch_size)
-
-
 def _emit(result, args, summary: str) -> int:
-    document = json.dumps(result.to_dict(), indent=2)
     print(summary)
     if args.output is not None:
-        try:
-            args.output.write_text(document + "\n", encoding="utf-8")
-        except OSError as e:
-            raise InvalidConfigError(f"Could not write --output {args.output}: {e.strerror}.") from e
+        write_output(args.output, json.dumps(result.to_dict(), indent=2))
         print(f"result written to {args.output}")
     return 0
 
@@ -82,18 +53,21 @@ def add_agreement(metrics: argparse._SubParsersAction) -> None:
         "tokenizer.")
     add_model_arguments(parser)
     parser.add_argument("--base", default=None, metavar="SOURCE",
-                        help="the reference model (default: the built-in demo model)")
-    _add_data_window_args(parser)
-    _add_output_args(parser)
+                        help="the reference model (default: the built-in demo model); --dtype, --device, "
+                        "--allow-pickle and --trust-remote-code apply to both models, --revision to MODEL only")
+    parser.add_argument("--base-revision", default=None, metavar="REV",
+                        help="Hub branch, tag or commit of BASE (Hub ids only)")
+    add_data_arguments(parser)
+    add_output_argument(parser)
     parser.set_defaults(handler=run_agreement)
 
 
 def run_agreement(args) -> int:
+    check_output(args.output)
     from llmquant.eval.agreement import agreement, summarize
 
-    kw = model_kwargs(args)
-    kw.pop("revision")
-    result = agreement(args.model, args.base, progress=True, **_data_kwargs(args), **kw)
+    result = agreement(args.model, args.base, eval_data_from_args(args), base_revision=args.base_revision,
+                       progress=True)
     return _emit(result, args, summarize(result))
 
 
@@ -109,28 +83,27 @@ def add_remote(metrics: argparse._SubParsersAction) -> None:
     _add_endpoint_args(parser)
     parser.add_argument("--base", default=None, metavar="SOURCE",
                         help="a local model (same tokenizer) to measure top-1 agreement against")
-    _add_data_window_args(parser)
-    _add_output_args(parser)
+    add_data_arguments(parser, batch_help="windows per request")
+    add_output_argument(parser)
     parser.set_defaults(handler=run_remote)
 
 
 def run_remote(args) -> int:
+    check_output(args.output)
     from llmquant.eval.remote import remote_perplexity
 
-    r = remote_perplexity(args.base_url, args.served_model, api_key=args.api_key, tokenizer=args.tokenizer,
-                          base=args.base, progress=True, **_data_kwargs(args))
+    r = remote_perplexity(args.base_url, args.served_model, eval_data_from_args(args), api_key=args.api_key,
+                          tokenizer=args.tokenizer, base=args.base, progress=True)
     top1 = f", top-1 agreement with {r.base} {100 * r.top1_agreement:.2f}%" if r.top1_agreement is not None else ""
     summary = (f"perplexity {r.perplexity:.4f} ({r.nll_per_token:.4f} nats/token, {r.bits_per_byte:.4f} bits/byte)"
                f"{top1}\nmodel      {r.model}\nmethod     {r.method['window']}-token windows, stride "
-               f"{r.method['stride']}, {r.num_tokens_scored:,} tokens scored; {r.method['data']}")
+               f"{r.method['stride']}, {r.num_tokens_scored:,} tokens scored\ntext       {r.method['scored']}")
     return _emit(r, args, summary)
 
 
 # ---- offline throughput ---------------------------------------------------------------------
 
 def add_throughput(metrics: argparse._SubParsersAction) -> None:
-    from llmquant.cli.eval_cmd import _positive_int
-
     parser = metrics.add_parser(
         "throughput", help="prefill and decode speed through our engine, load time, memory, size",
         description="Offline throughput through the serving engine (no HTTP): prefill tokens/s for one prompt of "
@@ -141,21 +114,21 @@ def add_throughput(metrics: argparse._SubParsersAction) -> None:
                         help="prompt lengths (default: 128,512,2048)")
     parser.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32], metavar="B,B",
                         help="decode batch sizes (default: 1,8,32)")
-    parser.add_argument("--decode-tokens", type=_positive_int, default=32, metavar="N",
+    parser.add_argument("--decode-tokens", type=positive_int, default=32, metavar="N",
                         help="tokens generated per request in the decode runs (default: 32)")
-    parser.add_argument("--prompt-tokens", type=_positive_int, default=64, metavar="N",
+    parser.add_argument("--prompt-tokens", type=positive_int, default=64, metavar="N",
                         help="prompt length of the decode runs (default: 64)")
-    _add_output_args(parser)
+    add_output_argument(parser)
     parser.set_defaults(handler=run_throughput)
 
 
 def run_throughput(args) -> int:
+    check_output(args.output)
     from llmquant.eval.throughput import offline_throughput
 
-    kw = model_kwargs(args)
-    kw.pop("revision")
     r = offline_throughput(args.model, prefill_lengths=args.prefill_lengths, batch_sizes=args.batch_sizes,
-                           decode_tokens=args.decode_tokens, prompt_tokens=args.prompt_tokens, progress=True, **kw)
+                           decode_tokens=args.decode_tokens, prompt_tokens=args.prompt_tokens, progress=True,
+                           **model_kwargs(args))
     lines = [f"model      {r.model} ({r.method['dtype']}, {r.method['device']}, {r.method['torch_threads']} threads)"]
     lines += [f"prefill    {p['prompt_tokens']:>5} tokens: {p['tokens_per_s']:,.0f} tok/s" for p in r.prefill]
     lines += [f"decode     batch {d['batch_size']:>3}: {d['tokens_per_s']:,.1f} tok/s" for d in r.decode]
@@ -170,8 +143,6 @@ def run_throughput(args) -> int:
 # ---- online load ----------------------------------------------------------------------------
 
 def add_load(metrics: argparse._SubParsersAction) -> None:
-    from llmquant.cli.eval_cmd import _positive_int
-
     parser = metrics.add_parser(
         "load", help="online load test of an OpenAI-compatible server (TTFT, TPOT, ITL, E2E)",
         description="Send streaming completion requests at a fixed concurrency or as a Poisson process, and report "
@@ -179,22 +150,23 @@ def add_load(metrics: argparse._SubParsersAction) -> None:
         "(mean, p50, p90, p99) with the definitions of vLLM's benchmark_serving.py.")
     _add_endpoint_args(parser)
     load = parser.add_argument_group("load")
-    load.add_argument("--concurrency", type=_positive_int, default=None, metavar="C",
+    load.add_argument("--concurrency", type=positive_int, default=None, metavar="C",
                       help="requests in flight (default: 8 without --request-rate, else unlimited)")
     load.add_argument("--request-rate", type=float, default=None, metavar="R",
                       help="Poisson arrivals per second (default: as fast as --concurrency allows)")
-    load.add_argument("--num-prompts", type=_positive_int, default=32, metavar="N", help="requests (default: 32)")
-    load.add_argument("--input-len", type=_positive_int, default=128, metavar="T", help="prompt tokens (default: 128)")
-    load.add_argument("--output-len", type=_positive_int, default=64, metavar="T",
+    load.add_argument("--num-prompts", type=positive_int, default=32, metavar="N", help="requests (default: 32)")
+    load.add_argument("--input-len", type=positive_int, default=128, metavar="T", help="prompt tokens (default: 128)")
+    load.add_argument("--output-len", type=positive_int, default=64, metavar="T",
                       help="tokens to generate per request (default: 64)")
     load.add_argument("--prompts", choices=("dataset", "synthetic"), default="dataset",
                       help="held-out corpus text (default) or random token ids")
     load.add_argument("--seed", type=int, default=0, help="seed for synthetic prompts and Poisson gaps")
-    _add_output_args(parser)
+    add_output_argument(parser)
     parser.set_defaults(handler=run_load)
 
 
 def run_load(args) -> int:
+    check_output(args.output)
     from llmquant.eval.loadgen import load_test
 
     if args.request_rate is not None and args.request_rate <= 0:

@@ -1,4 +1,8 @@
-"""`llmquant quantize`: flags over `llmquant.quantize(...)`, same names."""
+"""`llmquant quantize`: flags over `llmquant.quantize(...)`, same names.
+
+The flags are the rows of llmquant/config/flags.py; `run` only sorts them into a Recipe and the
+option objects and calls `quantize`.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,8 @@ import re
 import sys
 from pathlib import Path
 
-from llmquant.cli.common import add_model_arguments, model_kwargs
-from llmquant.errors import InvalidConfigError
-from llmquant.config.args import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
-from llmquant.config.presets import PRESETS
-from llmquant.config.recipe import GROUP_SIZE_FALLBACKS
+from llmquant.cli.common import add_flags, add_model_arguments
+from llmquant.config.flags import LOAD, QUANTIZE_FLAGS, RECIPE, RUN, VERIFY, build_recipe, options, split_keywords
 
 EPILOG = """\
 schemes:
@@ -46,112 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "original model on held-out text.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("-o", "--output", default=None,
-                   help="output folder (default: ./<model name>-<scheme>); written atomically")
-    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
-    what = p.add_argument_group("what to quantize")
-    what.add_argument("--scheme", type=str.upper, choices=list(PRESETS), default=None,
-                      help="a named scheme (default W4A16); see the list below")
-    what.add_argument("--recipe", default=None, help="a YAML recipe (configs/quant/*.yaml); flags override it")
-    what.add_argument("--group-size", type=int, default=None, help="INT4/INT8 group size (32, 64, 128)")
-    sym = what.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
-                     help="symmetric weights (no zero point)")
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
-                     help="asymmetric weights (zero points; INT only)")
-    what.add_argument("--activations", choices=("dynamic", "static"), default=None,
-                      help="activation scales per token at run time, or per tensor from calibration")
-    what.add_argument("--targets", nargs="+", default=None, metavar="PATTERN",
-                      help="modules to quantize: class names (Linear), exact names, or re:REGEX")
-    what.add_argument("--ignore", nargs="+", default=None, metavar="PATTERN",
-                      help="modules to keep in full precision (default: lm_head)")
-    what.add_argument("--group-size-fallback", choices=GROUP_SIZE_FALLBACKS, default=None,
-                      help="for layers whose width the group size does not divide: fail (default), "
-                      "quantize per channel, or skip")
-    obs = p.add_argument_group("observers (how ranges are chosen)")
-    obs.add_argument("--observer", choices=WEIGHT_OBSERVERS, default=None,
-                     help="minmax: full range; percentile: clip at --percentile; mse: search the "
-                     "clipping that minimizes weight error (weights only). Applies to weights and "
-                     "to static activations")
-    obs.add_argument("--percentile", type=float, default=None, help="e.g. 99.9 or 99.99 (default 99.99)")
-    obs.add_argument("--act-observer", dest="activation_observer", choices=ACTIVATION_OBSERVERS, default=None,
-                     help="observer for static activations only")
-    obs.add_argument("--act-percentile", dest="activation_percentile", type=float, default=None,
-                     help="percentile for static activations only")
-    sq = what.add_mutually_exclusive_group()
-    sq.add_argument("--smoothquant", type=_alpha, nargs="?", const="auto", default=None, metavar="ALPHA",
-                    help="SmoothQuant before quantizing (activation schemes; on by default for W8A8): move "
-                    "activation outliers into the weights with migration strength ALPHA in [0, 1], or "
-                    "'auto' (the default) to search the best value per layer")
-    sq.add_argument("--no-smoothquant", dest="smoothquant", action="store_false", help="turn SmoothQuant off")
-    gq = p.add_argument_group("GPTQ (rounding that corrects each column's error with the next columns)")
-    gq.add_argument("--gptq", dest="gptq", action="store_true", default=None,
-                    help="quantize with GPTQ on the calibration data instead of plain rounding (after "
-                    "SmoothQuant when both run), decoder layer by decoder layer; same checkpoint format")
-    gq.add_argument("--no-gptq", dest="gptq", action="store_false", help="plain rounding even if the recipe says GPTQ")
-    gq.add_argument("--gptq-block-size", type=int, default=None, help="columns per error-feedback block (default 128)")
-    gq.add_argument("--gptq-dampening", type=float, default=None,
-                    help="fraction of the Hessian's mean diagonal added before inverting it (default 0.01)")
-    gq.add_argument("--act-order", dest="act_order", action=argparse.BooleanOptionalAction, default=None,
-                    help="round the most active input columns first (on by default with --gptq; groups stay "
-                    "static, so the checkpoint needs no g_idx)")
-    gq.add_argument("--weighted-clipping", dest="weighted_clipping", action=argparse.BooleanOptionalAction,
-                    default=None, help="INT weights: choose each group's clipping by the error it causes on the "
-                    "calibration inputs, not by the weights alone (on by default with --gptq)")
-    gq.add_argument("--gptq-refit-rounds", dest="refit_rounds", type=int, default=None, metavar="N",
-                    help="least-squares refits of the INT scales to the rounded values, each after a GPTQ pass "
-                    "(default 1; 0 turns it off)")
-
-    gq.add_argument("--awq", dest="awq", action="store_true", default=None,
-                    help="weight-only schemes: search activation-aware per-channel scales (AWQ) and fold them "
-                    "into the preceding norm / up_proj before rounding (composes with --gptq)")
-    mixg = what.add_mutually_exclusive_group()
-    mixg.add_argument("--target-bits", type=float, default=None, metavar="B",
-                      help="mixed precision (W4A16 schemes): measure each layer's sensitivity (KL of the output "
-                      "with only that layer quantized) and move the most sensitive layers to W8A16 until the "
-                      "average bits per weight (scales included) reaches B; one checkpoint, one config group "
-                      "per scheme")
-    mixg.add_argument("--max-ppl-increase", type=float, default=None, metavar="P",
-                      help="mixed precision: upgrade sensitive layers until the estimated perplexity increase "
-                      "is at most P percent")
-    gq.add_argument("--resume", action="store_true",
-                    help="continue an interrupted GPTQ run at the layer it reached (its progress is kept in "
-                    "OUTPUT.resume/ until the checkpoint is saved); the settings must be the same")
-    cal = p.add_argument_group("calibration data (activation schemes and GPTQ)")
-    cal.add_argument("--dataset", default=None,
-                     help="builtin (default), a .txt/.jsonl/.parquet file, or a Hub dataset name[:config]")
-    cal.add_argument("--dataset-config", default=None, help="Hub dataset configuration")
-    cal.add_argument("--text-field", default=None, help="column holding the text (jsonl/parquet/Hub)")
-    cal.add_argument("--num-samples", type=int, default=None, help="calibration samples (default 128)")
-    cal.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default 512)")
-    cal.add_argument("--seed", type=int, default=None, help="which windows are drawn (default 0)")
-    cal.add_argument("--moe-calibration", choices=["routed", "all"], default=None,
-                     help="MoE experts: calibrate each expert on the tokens routed to it (routed, default; an "
-                     "expert routed fewer than --min-expert-tokens falls back to every token), or every expert "
-                     "on every calibration token (all)")
-    cal.add_argument("--min-expert-tokens", type=int, default=None, metavar="N",
-                     help="with --moe-calibration routed: experts routed fewer tokens are calibrated on every "
-                     "token (default 128)")
-    ver = p.add_argument_group("verification")
-    ver.add_argument("--no-verify", dest="verify", action="store_false",
-                     help="skip reloading the output and comparing it with the original")
-    ver.add_argument("--verify-tokens", type=int, default=2048, help="held-out tokens compared (default 2048)")
-    hub = p.add_argument_group("publishing")
-    hub.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
-                     help="then upload the output folder to this Hub repository with a model card, as "
-                     "`llmquant push OUTPUT REPO_ID` does (token from HF_TOKEN or `hf auth login`)")
-    hub.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    add_flags(p, QUANTIZE_FLAGS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
-
-
-def _alpha(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}") from None
 
 
 def default_output(model: str | None, scheme: str) -> Path:
@@ -163,29 +61,14 @@ def default_output(model: str | None, scheme: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from llmquant.quant.pipeline.quantize import quantize
 
-    if args.output is None:
-        args.output = default_output(args.model, args.scheme or (Path(args.recipe).stem if args.recipe else "W4A16"))
-    gptq = args.gptq
-    refinements = {k: getattr(args, k) for k in ("weighted_clipping", "refit_rounds")
-                   if getattr(args, k) is not None}
-    if refinements:  # GPTQ options: they turn GPTQ on, over the recipe's other GPTQ settings
-        if gptq is False:
-            raise InvalidConfigError("GPTQ options (--weighted-clipping, --gptq-refit-rounds) "
-                                     "were given with --no-gptq.")
-        gptq = refinements
-    result = quantize(
-        args.model, output=args.output, scheme=args.scheme, recipe=args.recipe, group_size=args.group_size,
-        symmetric=args.symmetric, observer=args.observer, percentile=args.percentile,
-        activation_observer=args.activation_observer, activation_percentile=args.activation_percentile,
-        activations=args.activations, targets=args.targets, ignore=args.ignore,
-        group_size_fallback=args.group_size_fallback, dataset=args.dataset, dataset_config=args.dataset_config,
-        text_field=args.text_field, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-        smoothquant=args.smoothquant, gptq=gptq, gptq_block_size=args.gptq_block_size,
-        gptq_dampening=args.gptq_dampening, act_order=args.act_order, awq=args.awq, target_bits=args.target_bits,
-        max_ppl_increase=args.max_ppl_increase, moe_calibration=args.moe_calibration,
-        min_expert_tokens=args.min_expert_tokens, resume=args.resume,
-        overwrite=args.overwrite, verify=args.verify, verify_tokens=args.verify_tokens,
-        push_to_hub=args.push_to_hub, private=args.private, progress=not args.quiet, **model_kwargs(args))
+    values = {flag.name: getattr(args, flag.name) for flag in QUANTIZE_FLAGS if flag.name != "progress"}
+    values["progress"] = not args.quiet
+    if values["output"] is None:
+        values["output"] = default_output(args.model, args.scheme or (Path(args.recipe).stem if args.recipe
+                                                                     else "W4A16"))
+    given = split_keywords(values)
+    result = quantize(args.model, build_recipe(**given[RECIPE]), load=options(LOAD, **given[LOAD]),
+                      verification=options(VERIFY, **given[VERIFY]), run=options(RUN, **given[RUN]))
     report = result.report
     print(f"\n{result.recipe.name}: {result.recipe.scheme.describe()}")
     for line in report.summary_lines(warnings=False):

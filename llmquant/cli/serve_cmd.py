@@ -23,7 +23,7 @@ Point any OpenAI client at it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_k
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from llmquant.serve.engine import DEFAULT_MAX_BATCH
+    from llmquant.serve.limits import DEFAULT_MAX_BATCH
     from llmquant.serve.server import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SHUTDOWN_TIMEOUT_S
 
     parser = subparsers.add_parser(
@@ -82,7 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if vllm_only:
         flags = ", ".join("--" + f.replace("_", "-") for f in vllm_only)
         raise InvalidConfigError(f"{flags} only apply with --backend vllm.")
-    from llmquant.serve.engine import DEFAULT_MAX_BATCH
+    from llmquant.serve.limits import DEFAULT_MAX_BATCH
     from llmquant.serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key,

@@ -7,11 +7,13 @@ checkpoint's `quantization_config` (and back) without translation tables.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+# reject_unknown_keys is re-exported: the distill and eval-suite config readers import it from here.
+from llmquant.config.fields import check_fields, check_mapping, choices, reject_unknown_keys  # noqa: F401
 from llmquant.errors import InvalidConfigError
 
 INT, FLOAT = "int", "float"
@@ -23,30 +25,22 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 
 
-def reject_unknown_keys(data: dict, valid: set[str] | tuple[str, ...], where: str) -> None:
-    """Raise InvalidConfigError naming the unknown keys and the valid ones."""
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise InvalidConfigError(
-            f"Unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
-            f"valid keys: {', '.join(sorted(valid))}."
-        )
-
-
 @dataclass(frozen=True)
 class QuantArgs:
     """How one tensor (weights or input activations) is quantized."""
 
-    num_bits: int = 8
-    type: str = INT
+    num_bits: int = field(default=8, metadata=choices((4, 8)))
+    type: str = field(default=INT, metadata=choices(TYPES))
     symmetric: bool = True
-    strategy: str = "channel"
+    strategy: str = field(default="channel", metadata=choices(STRATEGIES))
     group_size: int | None = None
     dynamic: bool = False
-    observer: str = "minmax"
+    observer: str = field(default="minmax", metadata=choices(WEIGHT_OBSERVERS))
     percentile: float = 99.99  # only read by observer="percentile"
 
     def __post_init__(self) -> None:
+        check_fields(self, "QuantArgs")  # types first: the checks below compare values
+
         def bad(msg: str) -> InvalidConfigError:
             return InvalidConfigError(f"Invalid quantization arguments {self.describe()}: {msg}")
 
@@ -92,10 +86,7 @@ class QuantArgs:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "quantization arguments") -> "QuantArgs":
-        if not isinstance(data, dict):
-            raise InvalidConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, where)
-        return cls(**data)
+        return cls(**check_mapping(cls, data, where, example="{num_bits: 4, strategy: group, group_size: 128}"))
 
     def to_compressed_tensors(self) -> dict[str, Any]:
         """The `QuantizationArgs` dict vLLM and compressed-tensors read."""

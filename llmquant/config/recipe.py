@@ -4,7 +4,7 @@
       scheme: W4A16            # a preset; `weights` / `input_activations` override its fields
       weights: {group_size: 64, observer: mse}
       targets: [Linear]
-      ignore: [lm_head]
+      ignore: [lm_head]        # a list of patterns; one pattern may be a plain string (ignore: lm_head)
       group_size_fallback: error   # error | channel | skip
     smoothquant:               # activation schemes; absent: the scheme's default (W8A8: auto),
       alpha: auto              # null: off; alpha: a number in [0, 1] or auto
@@ -43,13 +43,15 @@ from typing import Any
 
 import yaml
 
-from llmquant.errors import InvalidConfigError
 from llmquant.config.args import QuantArgs, QuantScheme, reject_unknown_keys
+from llmquant.config.fields import check_fields, check_mapping, check_value, choices, describe_value, described
 from llmquant.config.presets import PRESETS, SMOOTHQUANT_BY_DEFAULT, preset
+from llmquant.errors import InvalidConfigError
 from llmquant.quant.pipeline.targets import validate_patterns
 
 GROUP_SIZE_FALLBACKS = ("error", "channel", "skip")
 MOE_CALIBRATION_MODES = ("routed", "all")
+WEIGHT_ONLY_PRESETS = tuple(name for name, s in PRESETS.items() if s.input_activations is None)
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,11 @@ class CalibrationConfig:
     # MoE experts: statistics from the tokens routed to each expert ("routed"), or from every
     # calibration token ("all"); in "routed", an expert routed fewer than min_expert_tokens
     # tokens falls back to every token (expert_calibration.py).
-    moe_calibration: str = "routed"
+    moe_calibration: str = field(default="routed", metadata=choices(MOE_CALIBRATION_MODES))
     min_expert_tokens: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "seq_len", "seed", "min_expert_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidConfigError(f"calibration.{name} must be an integer, got {value!r}.")
+        check_fields(self, "calibration")
         if self.num_samples < 1 or self.seq_len < 8:
             raise InvalidConfigError("calibration needs num_samples >= 1 and seq_len >= 8.")
         if self.moe_calibration not in MOE_CALIBRATION_MODES:
@@ -81,29 +80,26 @@ class CalibrationConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CalibrationConfig":
-        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "calibration")
-        return cls(**data)
+        return cls(**check_mapping(cls, data, "calibration", example="{num_samples: 128, seq_len: 512}"))
 
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
     # Migration strength: 0 keeps activations as they are, 1 moves all their range into the
     # weights; "auto" searches the best value per layer on the calibration data.
-    alpha: float | str = "auto"
+    alpha: float | str = field(default="auto", metadata=described("'auto' or a number from 0 to 1"))
 
     def __post_init__(self) -> None:
+        check_fields(self, "smoothquant")
         if self.alpha == "auto":
             return
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+        if isinstance(self.alpha, str) or not 0.0 <= self.alpha <= 1.0:
             raise InvalidConfigError(f"smoothquant.alpha must be 'auto' or a number between 0 and 1, "
                                      f"got {self.alpha!r}.")
 
     @classmethod
     def from_dict(cls, data: dict) -> "SmoothQuantConfig":
-        if not isinstance(data, dict):
-            raise InvalidConfigError("smoothquant must be a mapping such as {alpha: 0.5}.")
-        reject_unknown_keys(data, {"alpha"}, "smoothquant")
-        return cls(**data)
+        return cls(**check_mapping(cls, data, "smoothquant", example="{alpha: 0.5}"))
 
 
 @dataclass(frozen=True)
@@ -119,18 +115,15 @@ class GPTQConfig:
     # diagonal weighted), not by the weights alone (gptq_scales.py). INT weights only.
     weighted_clipping: bool = True
     # Least-squares refits of the INT scales to the chosen codes (each after a GPTQ pass).
-    refit_rounds: int = 1
+    refit_rounds: int = field(default=1, metadata=choices(range(9)))
 
     def __post_init__(self) -> None:
-        for flag in ("act_order", "weighted_clipping"):
-            if not isinstance(getattr(self, flag), bool):
-                raise InvalidConfigError(f"gptq.{flag} must be true or false, got {getattr(self, flag)!r}.")
-        if isinstance(self.refit_rounds, bool) or not isinstance(self.refit_rounds, int) or not 0 <= self.refit_rounds <= 8:
+        check_fields(self, "gptq")
+        if not 0 <= self.refit_rounds <= 8:
             raise InvalidConfigError(f"gptq.refit_rounds must be an integer from 0 to 8, got {self.refit_rounds!r}.")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+        if self.block_size < 1:
             raise InvalidConfigError(f"gptq.block_size must be a positive integer, got {self.block_size!r}.")
-        if (isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float))
-                or not 0.0 < self.dampening <= 1.0):
+        if not 0.0 < self.dampening <= 1.0:
             raise InvalidConfigError(f"gptq.dampening must be a number in (0, 1], got {self.dampening!r}.")
 
     def describe(self) -> str:
@@ -142,10 +135,7 @@ class GPTQConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GPTQConfig":
-        if not isinstance(data, dict):
-            raise InvalidConfigError("gptq must be a mapping such as {block_size: 128, dampening: 0.01}.")
-        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "gptq")
-        return cls(**data)
+        return cls(**check_mapping(cls, data, "gptq", example="{block_size: 128, dampening: 0.01}"))
 
 
 @dataclass(frozen=True)
@@ -154,15 +144,13 @@ class AWQConfig:
     grid: int = 20
 
     def __post_init__(self) -> None:
-        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 100:
+        check_fields(self, "awq")
+        if not 1 <= self.grid <= 100:
             raise InvalidConfigError(f"awq.grid must be an integer from 1 to 100, got {self.grid!r}.")
 
     @classmethod
     def from_dict(cls, data: dict) -> "AWQConfig":
-        if not isinstance(data, dict):
-            raise InvalidConfigError("awq must be a mapping such as {grid: 20}.")
-        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "awq")
-        return cls(**data)
+        return cls(**check_mapping(cls, data, "awq", example="{grid: 20}"))
 
 
 @dataclass(frozen=True)
@@ -171,10 +159,11 @@ class MixedPrecisionConfig:
     # perplexity increase in percent.
     target_bits: float | None = None
     max_ppl_increase: float | None = None
-    high: str = "W8A16"  # the scheme sensitive layers move to
+    high: str = field(default="W8A16", metadata=choices(WEIGHT_ONLY_PRESETS))  # the scheme sensitive layers move to
     samples: int = 2  # calibration windows the sensitivities are measured on
 
     def __post_init__(self) -> None:
+        check_fields(self, "mixed_precision")
         if (self.target_bits is None) == (self.max_ppl_increase is None):
             raise InvalidConfigError("mixed_precision needs exactly one of target_bits or max_ppl_increase.")
         if self.target_bits is not None and not 2.0 <= float(self.target_bits) <= 16.0:
@@ -183,32 +172,63 @@ class MixedPrecisionConfig:
             raise InvalidConfigError("mixed_precision.max_ppl_increase is a percentage above 0.")
         scheme = preset(self.high)
         if scheme.input_activations is not None:
-            raise InvalidConfigError(f"mixed_precision.high must be a weight-only scheme, got {self.high}.")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise InvalidConfigError(f"mixed_precision.high must be a weight-only scheme "
+                                     f"({', '.join(WEIGHT_ONLY_PRESETS)}), got {self.high}.")
+        if self.samples < 1:
             raise InvalidConfigError("mixed_precision.samples must be a positive integer.")
 
     @classmethod
     def from_dict(cls, data: dict) -> "MixedPrecisionConfig":
-        if not isinstance(data, dict):
-            raise InvalidConfigError("mixed_precision must be a mapping such as {target_bits: 5}.")
-        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, "mixed_precision")
-        return cls(**data)
+        return cls(**check_mapping(cls, data, "mixed_precision", example="{target_bits: 5}"))
+
+
+@dataclass(frozen=True)
+class RoundingConfig:
+    """Round-to-nearest of every planned layer that no earlier step quantized: always the last
+    step of a recipe, so it has no section of its own."""
+
+
+# The recipe's optional sections, each a step of the pipeline, in the order they run.
+STEP_SECTIONS = ("mixed_precision", "smoothquant", "awq", "gptq")
+SECTIONS = ("quantize", "smoothquant", "awq", "mixed_precision", "gptq", "calibration")
+QUANTIZE_KEYS = ("scheme", "weights", "input_activations", "targets", "ignore", "group_size_fallback")
+# Where each Recipe field lives in the YAML, for messages about a wrong type.
+_YAML_PATHS = {"scheme_name": "quantize.scheme", "targets": "quantize.targets", "ignore": "quantize.ignore",
+               "group_size_fallback": "quantize.group_size_fallback"}
+
+
+def patterns(value: Any, where: str) -> tuple[str, ...]:
+    """Module patterns from a recipe or an argument: a list of strings, or one string meaning
+    that one pattern (`ignore: lm_head` is `ignore: [lm_head]`, never five one-letter ones)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise InvalidConfigError(f"{where} must be a list of strings (module names, class names or re:REGEX), "
+                             f"or one such string; got {describe_value(value)}.")
 
 
 @dataclass(frozen=True)
 class Recipe:
     scheme: QuantScheme
-    scheme_name: str | None = None  # the preset it started from, for reports and model cards
+    scheme_name: str | None = field(default=None, metadata=choices(PRESETS))  # the preset it started from
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ("lm_head",)
-    group_size_fallback: str = "error"
+    group_size_fallback: str = field(default="error", metadata=choices(GROUP_SIZE_FALLBACKS))
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     smoothquant: SmoothQuantConfig | None = None
     gptq: GPTQConfig | None = None
     awq: AWQConfig | None = None
     mixed_precision: MixedPrecisionConfig | None = None
+    # The group size is a preset's default, which quantize() may lower to one that divides every
+    # layer's width (pipeline/plan.py). Not part of the recipe file: a recipe that is written down
+    # (or a group size that was asked for) is used as it is.
+    adapt_group_size: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("targets", "ignore"):  # a list or one string from Python, a tuple once here
+            object.__setattr__(self, name, patterns(getattr(self, name), _YAML_PATHS[name]))
+        check_fields(self, "", _YAML_PATHS)
         if self.mixed_precision is not None and (self.scheme.input_activations is not None
                                                  or self.scheme.weights.type != "int"):
             raise InvalidConfigError("Mixed precision chooses between weight-only integer schemes "
@@ -228,6 +248,12 @@ class Recipe:
             raise InvalidConfigError("targets is empty: nothing would be quantized.")
         validate_patterns(self.targets, "targets")
         validate_patterns(self.ignore, "ignore")
+
+    def steps(self) -> list:
+        """The configs of the steps this recipe runs, in order (pipeline/steps.py runs each):
+        mixed precision, SmoothQuant, AWQ, GPTQ where set, then rounding of what remains."""
+        configs = [getattr(self, name) for name in STEP_SECTIONS]
+        return [c for c in configs if c is not None] + [RoundingConfig()]
 
     @property
     def name(self) -> str:
@@ -255,12 +281,15 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
         if not isinstance(data, dict):
-            raise InvalidConfigError("A recipe must be a mapping with 'quantize' (and optionally 'calibration').")
-        reject_unknown_keys(data, {"quantize", "smoothquant", "awq", "mixed_precision", "gptq", "calibration"}, "the recipe")
-        q = dict(data.get("quantize") or {})
-        reject_unknown_keys(q, {"scheme", "weights", "input_activations", "targets", "ignore",
-                                "group_size_fallback"}, "quantize")
+            raise InvalidConfigError("A recipe must be a mapping with 'quantize' (and optionally 'calibration'); "
+                                     f"got {describe_value(data)}.")
+        reject_unknown_keys(data, SECTIONS, "the recipe")
+        q = data.get("quantize") or {}
+        if not isinstance(q, dict):
+            raise InvalidConfigError(f"quantize must be a mapping such as {{scheme: W4A16}}; got {describe_value(q)}.")
+        reject_unknown_keys(q, QUANTIZE_KEYS, "quantize")
         name = q.get("scheme")
+        check_value("quantize.scheme", name, str | None, PRESETS)
         base = preset(name) if name else None
         if base is None and not q.get("weights"):
             raise InvalidConfigError(f"The recipe needs quantize.scheme (one of {', '.join(PRESETS)}) "
@@ -271,10 +300,11 @@ class Recipe:
         else:
             acts = _merge_args(base.input_activations if base else None, q.get("input_activations"),
                                "quantize.input_activations")
-        kwargs = {k: tuple(q[k]) for k in ("targets", "ignore") if k in q}
+        kwargs: dict[str, Any] = {k: patterns(q[k], f"quantize.{k}") for k in ("targets", "ignore") if k in q}
         if "group_size_fallback" in q:
+            check_value("quantize.group_size_fallback", q["group_size_fallback"], str, GROUP_SIZE_FALLBACKS)
             kwargs["group_size_fallback"] = q["group_size_fallback"]
-        calibration = CalibrationConfig.from_dict(dict(data.get("calibration") or {}))
+        calibration = CalibrationConfig.from_dict(data["calibration"] if data.get("calibration") is not None else {})
         if "smoothquant" in data:
             sq = data["smoothquant"]
             smoothquant = SmoothQuantConfig.from_dict(sq) if sq is not None else None
@@ -328,9 +358,7 @@ class Recipe:
 def _merge_args(base: QuantArgs | None, overrides: dict | None, where: str) -> QuantArgs | None:
     if overrides is None:
         return base
-    if not isinstance(overrides, dict):
-        raise InvalidConfigError(f"{where} must be a mapping.")
-    reject_unknown_keys(overrides, {f.name for f in dataclasses.fields(QuantArgs)}, where)
+    check_mapping(QuantArgs, overrides, where, example="{num_bits: 4, group_size: 64}")
     merged = {**(base.to_dict() if base else {}), **overrides}
     # Switching to a non-group strategy drops the preset's group size instead of failing.
     if merged.get("strategy") != "group" and "group_size" not in overrides:
@@ -346,6 +374,7 @@ def default_smoothquant(scheme_name: str | None, activations: QuantArgs | None) 
 
 
 def recipe_from_scheme(name: str, **overrides) -> Recipe:
+    check_value("scheme", name, str, PRESETS)
     scheme = preset(name)
-    return Recipe(scheme=scheme, scheme_name=name.upper(),
+    return Recipe(scheme=scheme, scheme_name=name.upper(), adapt_group_size=True,
                   smoothquant=default_smoothquant(name, scheme.input_activations)).with_overrides(**overrides)

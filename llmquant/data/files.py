@@ -1,6 +1,7 @@
-"""Documents from a local .txt, .jsonl/.json or .parquet file, read through `datasets`.
+"""Documents from a local .txt (.md, .text, no extension), .jsonl/.json or .parquet file, read
+through `datasets`.
 
-A .txt file holds one document per paragraph (text between blank lines), so joining the
+A text file holds one document per paragraph (text between blank lines), so joining the
 documents again with a blank line gives back the file's text. A .jsonl/.json/.parquet file
 holds one document per record, taken from its text field.
 
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from llmquant.data.quiet import quiet_datasets
-from llmquant.data.sources import SUPPORTED_EXTENSIONS
+from llmquant.data.sources import file_loader
 from llmquant.errors import DataSourceError
 
 
@@ -23,7 +24,7 @@ def read_file_documents(path: Path, text_field: str = "text") -> list[str]:
     """All documents of a local file, in file order."""
     import datasets
 
-    loader = SUPPORTED_EXTENSIONS[path.suffix.lower()]
+    loader = file_loader(path)
     options = {"sample_by": "paragraph"} if loader == "text" else {}
     try:
         with quiet_datasets(), tempfile.TemporaryDirectory(prefix="llmquant-data-") as cache:
@@ -38,7 +39,11 @@ def read_file_documents(path: Path, text_field: str = "text") -> list[str]:
         ) from e
     if loader == "text":
         # The file's final newline stays on its last paragraph; it is not part of the text.
-        return [p for p in (paragraph.rstrip("\n") for paragraph in table["text"]) if p]
+        documents = [p for p in (paragraph.rstrip("\n") for paragraph in table["text"]) if p]
+        if not any(d.strip() for d in documents):
+            raise DataSourceError(f"Dataset file {path} holds only blank lines and spaces: there is no "
+                                  "text in it.")
+        return documents
     return documents_from_table(table, text_field, f"file {path}")
 
 

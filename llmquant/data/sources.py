@@ -3,7 +3,9 @@
 The same string is accepted by the Python API and by the CLI's `--dataset` flag:
 
     None or "builtin"           the built-in offline corpus (CPython's pydoc topics)
-    path/to/file.txt|.jsonl|... a local file (must exist; see SUPPORTED_EXTENSIONS)
+    path/to/file.txt|.jsonl|... a local file (must exist; see SUPPORTED_EXTENSIONS); a file
+                                without an extension (LICENSE, NOTES) is read as plain text
+                                when it is UTF-8 text
     name  or  name:config       a Hugging Face Hub dataset, e.g. "wikitext:wikitext-2-raw-v1"
 
 Resolution fails early, before any model is loaded, so a typo costs nothing.
@@ -23,6 +25,8 @@ BUILTIN_NAME = "builtin"
 # Extension -> the `datasets` packaged loader that reads it.
 SUPPORTED_EXTENSIONS: dict[str, str] = {
     ".txt": "text",
+    ".md": "text",
+    ".text": "text",
     ".jsonl": "json",
     ".json": "json",
     ".parquet": "parquet",
@@ -36,6 +40,9 @@ _FILE_LIKE_SUFFIXES = set(SUPPORTED_EXTENSIONS) | {
 }
 
 SourceKind = Literal["builtin", "file", "hub"]
+# How much of an extensionless file is checked for being text at resolve time: enough to tell a
+# binary file (NUL bytes, invalid UTF-8) from text without reading a large file twice.
+_TEXT_PROBE_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,12 @@ class DatasetSpec:
 
 
 def supported_extensions_text() -> str:
-    return ", ".join(sorted(SUPPORTED_EXTENSIONS))
+    return ", ".join(sorted(SUPPORTED_EXTENSIONS)) + " or a UTF-8 text file without an extension"
+
+
+def file_loader(path: Path) -> str:
+    """The `datasets` loader for a local file: by extension; plain text when it has none."""
+    return SUPPORTED_EXTENSIONS[path.suffix.lower()] if path.suffix else "text"
 
 
 def _looks_like_path(name: str) -> bool:
@@ -119,11 +131,35 @@ def _check_local_file(path: Path) -> Path:
             f"({supported_extensions_text()}), a Hub dataset name, or 'builtin' for the "
             "built-in corpus."
         )
-    if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+    if path.suffix and path.suffix.lower() not in SUPPORTED_EXTENSIONS:
         raise DataSourceError(
-            f"Dataset file {path} has an unsupported type '{path.suffix or '(no extension)'}'. "
-            "Supported: .txt (documents separated by blank lines), .jsonl/.json (one document per "
-            "record, read from the text field), .parquet (one document per row, read from the text "
-            "column)."
+            f"Dataset file {path} has an unsupported type '{path.suffix}'. "
+            "Supported: .txt/.md/.text or no extension (UTF-8 text, documents separated by blank "
+            "lines), .jsonl/.json (one document per record, read from the text field), .parquet "
+            "(one document per row, read from the text column)."
         )
+    if path.stat().st_size == 0:
+        raise DataSourceError(f"Dataset file {path} is empty: there is no text in it. Give a file that "
+                              "holds the text, or leave --dataset unset for the built-in corpus.")
+    if not path.suffix:
+        _check_plain_text(path)
     return path
+
+
+def _check_plain_text(path: Path) -> None:
+    """Refuse an extensionless file that is not UTF-8 text (an executable, an image, an archive)."""
+    import codecs
+
+    with path.open("rb") as f:
+        head = f.read(_TEXT_PROBE_BYTES)
+    try:
+        # final=False: the probe may end inside a multi-byte character.
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        binary = b"\x00" in head
+    except UnicodeDecodeError:
+        binary = True
+    if binary:
+        raise DataSourceError(
+            f"Dataset file {path} has no extension and is not UTF-8 text (it looks like a binary "
+            f"file). Give a UTF-8 text file, or a file of a supported type ({supported_extensions_text()})."
+        )

@@ -12,8 +12,9 @@ tokenizer: two models with different tokenizers are evaluated on exactly the sam
   (or "validation" when there is no "test"). A Hub dataset with only one split is
   divided like a local file.
 * `split=` overrides the choice: "all" takes every document of a file or of the built-in
-  corpus (for when calibration and evaluation come from separate files); for a Hub
-  dataset any `datasets` split expression works ("validation", "train[:10%]").
+  corpus (for when calibration and evaluation come from separate files); "held-out" names
+  the default evaluation split explicitly; for a Hub dataset any `datasets` split
+  expression works ("validation", "train[:10%]").
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from llmquant.errors import DataSourceError, InvalidConfigError
 DEFAULT_EVAL_FRACTION = 0.3
 DOCUMENT_SEPARATOR = "\n\n"
 ALL = "all"
+HELD_OUT = "held-out"  # the evaluation split, named explicitly (what split=None gives for "evaluation")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 Part = Literal["calibration", "evaluation"]
@@ -120,6 +122,13 @@ def load_text_split(
     if part not in ("calibration", "evaluation"):
         raise InvalidConfigError(f"part must be 'calibration' or 'evaluation', not {part!r}.")
     _check_fraction(eval_fraction)
+    if split == HELD_OUT:
+        if part == "calibration":
+            raise InvalidConfigError(
+                f"split={HELD_OUT!r} names the evaluation split; calibration reads the rest of the "
+                "documents. Leave split unset for calibration, or use 'all'."
+            )
+        split = None
     spec = resolve_dataset(dataset, config_name=config_name, text_field=text_field)
     if spec.kind == "hub":
         result = _hub_split(spec, part, split, eval_fraction)
@@ -138,7 +147,8 @@ def _local_split(spec: DatasetSpec, part: Part, split: str | None,
         raise InvalidConfigError(
             f"{spec.describe()} has no named splits, so split={split!r} does not apply; leave it "
             f"unset for the {part} split (documents are divided {1 - eval_fraction:.0%}/"
-            f"{eval_fraction:.0%}), or use 'all' for every document."
+            f"{eval_fraction:.0%}; '{HELD_OUT}' names the last {eval_fraction:.0%}), or use 'all' for "
+            "every document."
         )
     if spec.kind == "builtin":
         from llmquant.data.builtin import builtin_documents

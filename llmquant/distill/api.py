@@ -311,7 +311,9 @@ def _held_out_perplexity(tokenizer, rec: DistillRecipe):
     def evaluate(model) -> float:
         from llmquant.eval.perplexity import perplexity
 
-        return perplexity((model, tokenizer), dataset=rec.data.dataset, text_field=rec.data.text_field,
+        # split="held-out": the training file's held-out part, never the whole file it trains on.
+        return perplexity((model, tokenizer), split="held-out", dataset=rec.data.dataset,
+                          text_field=rec.data.text_field,
                           config_name=rec.data.config_name, max_tokens=rec.train.eval_tokens,
                           window=min(rec.train.seq_len * 2, 1024), progress=False).perplexity
     return evaluate

@@ -61,9 +61,9 @@ def check_push_target(repo_id: str, token: str | None = None) -> str:
     _check_repo_id(repo_id)
     from huggingface_hub import constants
 
-    from llmquant.loading.hub_errors import _is_offline
+    from llmquant.loading.hub_errors import is_offline
 
-    if _is_offline(constants):
+    if is_offline(constants):
         raise HubUnreachableError(f"HF_HUB_OFFLINE=1 forbids any upload; unset it to push {repo_id} "
                                   "(--dry-run shows what would be pushed without network).")
     token = token or _saved_token()
@@ -124,13 +124,13 @@ def check_loadable(folder: Path, *, allow_pickle: bool = False, trust_remote_cod
     """The checks `load_model` runs on a folder, plus loading its tokenizer: refuse to publish
     what would not load, saying why."""
     from llmquant.loading.load import check_model_folder, load_tokenizer
-    from llmquant.loading.sources import _local_source
+    from llmquant.loading.sources import local_source
 
     if not folder.is_dir():
         raise SourceNotFoundError(f"{folder} is not a folder: pass the model folder to push "
                                   "(config.json, tokenizer, safetensors weights).")
     try:
-        source = _local_source(str(folder), folder.resolve())
+        source = local_source(str(folder), folder.resolve())
         where = f"The folder {source.path}"
         check_model_folder(source.path, where, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         load_tokenizer(source.path, trust_remote_code)

@@ -11,7 +11,7 @@ import re
 from typing import Iterator
 
 from llmquant.errors import HubPushError, HubUnreachableError, LLMQuantError
-from llmquant.loading.hub_errors import _hub_error_classes, _is_network_error, _redact
+from llmquant.loading.hub_errors import hub_error_classes, is_network_error, redact
 
 TOKEN_ADVICE = ("Create a token with write access at https://huggingface.co/settings/tokens (or your Hub's "
                 "settings page) and set it as HF_TOKEN, or run `hf auth login`.")
@@ -40,14 +40,14 @@ def push_errors(repo_id: str, endpoint: str, token: str | None, revision: str | 
 
 def translate_push_error(error: BaseException, repo_id: str, endpoint: str, token: str | None,
                          revision: str | None, doing: str) -> LLMQuantError | None:
-    hub = _hub_error_classes()
+    hub = hub_error_classes()
     where = f"the Hub at {endpoint}"
     at_hub = f"The Hub at {endpoint}"
 
     def server_says(err: BaseException) -> str:
         text = getattr(err, "server_message", None) or str(err)
         first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-        return _redact(first, token)[:300]
+        return redact(first, token)[:300]
 
     xet = _xet_refused(error)
     if xet is not None:
@@ -55,7 +55,7 @@ def translate_push_error(error: BaseException, repo_id: str, endpoint: str, toke
             f"{at_hub} does not offer Xet storage, which huggingface_hub uses for large files when hf_xet is "
             f"installed (its Xet credentials endpoint answered {xet}). For a Hub mirror that stores large files "
             "with Git LFS, run again with HF_HUB_DISABLE_XET=1.")
-    if _is_network_error(error) or (isinstance(error, (RuntimeError, OSError)) and _network_cause(error)):
+    if is_network_error(error) or (isinstance(error, (RuntimeError, OSError)) and _network_cause(error)):
         cause = _network_cause(error) or error
         return HubUnreachableError(
             f"Cannot reach {where} while {doing} ({type(cause).__name__}: {server_says(cause)}). Check the "
@@ -84,7 +84,7 @@ def translate_push_error(error: BaseException, repo_id: str, endpoint: str, toke
                             f"{server_says(error)}.{retry}")
     if isinstance(error, ValueError) and "metadata in README.md" in str(error):
         details = "; ".join(line.strip("- ").strip() for line in str(error).splitlines()[1:] if line.strip())
-        return HubPushError(f"{at_hub} rejected the model card's metadata (README.md): {_redact(details, token)}. "
+        return HubPushError(f"{at_hub} rejected the model card's metadata (README.md): {redact(details, token)}. "
                             "Fix the YAML block at the top of README.md, or pass --overwrite-card to regenerate it.")
     return None
 
@@ -111,6 +111,6 @@ def _network_cause(error: BaseException) -> BaseException | None:
         seen = seen.__cause__ or seen.__context__
         if seen is None:
             return None
-        if _is_network_error(seen):
+        if is_network_error(seen):
             return seen
     return None

@@ -1,28 +1,22 @@
 """Matmul kernels for QuantizedLinear, chosen per device, scheme and number of rows M.
 
 Every kernel computes what `QuantizedLinear.reference_forward` defines (dequantize, then
-matmul). Choices follow measurements (benchmarks/kernels_cpu.py; results in benchmarks/results/):
-- CPU with AVX-512 VNNI, few rows (decode; INT4 up to 4 rows, INT8 one row): our integer-dot
-  kernels (cpu_decode_matmul.cpp, built at first use) for INT4 groups of 64-256 and symmetric
-  per-channel INT8. They round the
-  activations to int8 per 64-value block for weight-only schemes, as llama.cpp does (about
-  0.5% relative error per output, far below the weights' own rounding), and per token exactly
-  as the scheme says for W8A8. LLMQUANT_CPU_KERNELS=0 turns them off.
-- CPU, INT4 groups of 32-256 and symmetric per-channel INT8, up to 64 rows (decode, small
-  batches): torch's `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`, fed bfloat16
-  activations. Their float32 path is 10-30x slower than their bf16 path (1.1 ms vs 0.09 ms for
-  a 576x1536 INT4 layer at M=1 on an AVX2 CPU), so activations are rounded to bf16 first,
-  as llama.cpp rounds them to 8 bits for its dot products.
-- CPU, more rows (prefill, perplexity): dequantize to the compute dtype and run a dense
-  matmul (9.9 ms vs 18.9 ms for int4pack at M=512 on the same CPU).
-- CUDA, INT4 groups: tinygemm `_weight_int4pack_mm` for M <= 16 (decode), where it beats
-  bf16; it is 10x slower than bf16 at M=256, so larger M dequantizes to bf16.
-- CUDA, FP8 with FP8 activations: `_scaled_mm` on real FP8 operands.
-- Everything else: dequantize to the compute dtype, then `F.linear`.
-
-A fast kernel is checked once against the dequantize path on a random input when it is
-prepared; a mismatch (an unexpected torch build) logs a warning and falls back rather than
-returning wrong numbers.
+matmul); `select_kernel` takes the first of FAST_KERNELS that applies, else `DequantMatmul`:
+- CPU with AVX-512 VNNI, decode-sized M: llmquant's integer-dot kernels (csrc/cpu_decode_matmul.cpp
+  through cpu_ext; LLMQUANT_CPU_KERNELS=0 turns them off): INT4 groups of a multiple of 64 up to
+  4 rows, symmetric per-channel INT8 for one row. Activations are rounded to int8 per 64 values
+  for weight-only schemes (as llama.cpp does), per token or by the static scale for W8A8.
+- CPU, INT4 groups of 32-256 and symmetric per-channel INT8, up to 64 rows: torch's
+  `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`, fed bf16 activations (their float32
+  path is 10-30x slower).
+- CUDA: tinygemm `_weight_int4pack_mm` for INT4 groups up to 16 rows; `_scaled_mm` for FP8
+  weights with FP8 activations (compute capability 8.9+).
+- Everything else, and more rows (prefill, perplexity): dequantize to the compute dtype, then
+  `F.linear`.
+The row limits follow benchmarks/kernels_cpu.py; docs/kernels.md gives the reasons. A fast kernel
+is checked once against the dequantize path on a random input when it is prepared; a mismatch or
+a missing op (an unexpected torch build) logs a warning and falls back rather than returning
+wrong numbers.
 """
 
 from __future__ import annotations
@@ -276,7 +270,7 @@ def select_kernel(layer, x: Tensor):
         if not cls.applies(layer, device, rows):
             continue
         key = (cls.name, device, dtype)
-        kernel = layer._kernels.get(key)
+        kernel = layer.kernel_cache.get(key)
         if kernel is None:
             try:
                 kernel = cls(layer, device, dtype)
@@ -289,10 +283,10 @@ def select_kernel(layer, x: Tensor):
                 log.warning("kernel %s unavailable for %s (%s); using dequantize + matmul",
                             cls.name, layer.extra_repr(), reason)
                 kernel = False
-            layer._kernels[key] = kernel
+            layer.kernel_cache[key] = kernel
         if kernel is not False:
             return kernel
     key = ("dequant", device, dtype)
-    if key not in layer._kernels:
-        layer._kernels[key] = DequantMatmul(layer, device, dtype)
-    return layer._kernels[key]
+    if key not in layer.kernel_cache:
+        layer.kernel_cache[key] = DequantMatmul(layer, device, dtype)
+    return layer.kernel_cache[key]

@@ -41,7 +41,7 @@ def translate_hub_error(error: BaseException, repo_id: str, revision: str | None
     """Our error for a huggingface_hub failure, or None when it is not one we know."""
     from huggingface_hub import constants
 
-    hub = _hub_error_classes()
+    hub = hub_error_classes()
 
     endpoint = constants.ENDPOINT
     page = f"{endpoint}/{repo_id}"
@@ -49,7 +49,7 @@ def translate_hub_error(error: BaseException, repo_id: str, revision: str | None
     rev = revision or "main"
 
     def scrub(text: object) -> str:
-        return _redact(str(text).strip().splitlines()[0] if str(text).strip() else "", token)
+        return redact(str(text).strip().splitlines()[0] if str(text).strip() else "", token)
 
     if isinstance(error, hub.GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
         state = ("the token in use has not been granted access yet (approval can take a while)"
@@ -97,7 +97,7 @@ def translate_hub_error(error: BaseException, repo_id: str, revision: str | None
         in_cache = (f"its cached copy ({snapshot}) is incomplete" if snapshot is not None
                     else f"it is not in the local Hugging Face cache ({constants.HF_HUB_CACHE})")
         cause = error.__cause__ or error.__context__
-        if _is_offline(constants) or isinstance(error, hub.OfflineModeIsEnabled) \
+        if is_offline(constants) or isinstance(error, hub.OfflineModeIsEnabled) \
                 or isinstance(cause, hub.OfflineModeIsEnabled):
             return OfflineCacheMissError(
                 f"{repo_id} (revision {rev}): {in_cache}, and HF_HUB_OFFLINE=1 forbids downloading. "
@@ -115,7 +115,7 @@ def translate_hub_error(error: BaseException, repo_id: str, revision: str | None
             f"{advice}; on a machine without network set HF_HUB_OFFLINE=1 to use the cache only "
             "(after filling it elsewhere), or pass a local model folder."
         )
-    if _is_network_error(error):
+    if is_network_error(error):
         return OfflineCacheMissError(
             f"Lost the connection to the Hub at {endpoint} while downloading {repo_id} "
             f"({type(error).__name__}: {scrub(error)}). Run again to resume; set HF_HUB_OFFLINE=1 to use "
@@ -141,7 +141,7 @@ class _NeverRaised(Exception):
     """Stands in for an error class that the installed huggingface_hub does not define."""
 
 
-def _hub_error_classes() -> SimpleNamespace:
+def hub_error_classes() -> SimpleNamespace:
     # Some of these classes are newer than huggingface_hub 1.0 (the oldest version we support).
     from huggingface_hub import errors
 
@@ -161,12 +161,12 @@ def _cached_snapshot(cache: str, repo_id: str, revision: str) -> Path | None:
     return snapshot if snapshot.is_dir() else None
 
 
-def _is_offline(constants: ModuleType) -> bool:
+def is_offline(constants: ModuleType) -> bool:
     is_offline_mode = getattr(constants, "is_offline_mode", None)
     return bool(is_offline_mode() if callable(is_offline_mode) else constants.HF_HUB_OFFLINE)
 
 
-def _is_network_error(error: BaseException) -> bool:
+def is_network_error(error: BaseException) -> bool:
     """A transport-level failure of huggingface_hub's HTTP client (httpx in 1.x, httpx2 in 2.x)."""
     for cls in type(error).__mro__:
         if cls.__module__.split(".")[0] in ("httpx", "httpx2") and cls.__name__ == "TransportError":
@@ -185,7 +185,7 @@ def _token_in_use(token: str | None) -> bool:
         return bool(os.environ.get("HF_TOKEN"))
 
 
-def _redact(text: str, token: str | None) -> str:
+def redact(text: str, token: str | None) -> str:
     for secret in {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")}:
         if secret:
             text = text.replace(secret, "***")

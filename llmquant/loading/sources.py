@@ -66,7 +66,7 @@ def resolve_source(source: str | os.PathLike | None = None, *, revision: str | N
     path = Path(text).expanduser()
     if path.exists():
         _reject_revision(revision, f"the local path {text}")
-        return _local_source(text, path.resolve())
+        return local_source(text, path.resolve())
     # A PathLike object is always meant as a path, whatever its text looks like.
     if not isinstance(source, str) or looks_like_path(text):
         raise SourceNotFoundError(
@@ -112,7 +112,7 @@ def _demo_source(demo_id: str, demo_name: str, announce: bool) -> ModelSource:
     return ModelSource(kind="demo", name=demo_id, path=ensure_demo_model(), revision=None)
 
 
-def _local_source(text: str, path: Path) -> ModelSource:
+def local_source(text: str, path: Path) -> ModelSource:
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return ModelSource(kind="gguf", name=text, path=path, revision=None)

@@ -4,7 +4,7 @@ Its buffers are exactly the compressed-tensors tensors of one layer, under the n
 reads (`weight_packed`/`weight_shape` for pack-quantized INT4/INT8, `weight` int8/fp8 for
 int-/float-quantized, `weight_scale`, `weight_zero_point`, `input_scale`), so the model's
 state_dict *is* the checkpoint and loading is `load_state_dict`. Matmuls go through a kernel
-chosen per device and batch size (kernels.py); kernel-specific layouts are derived once and
+chosen per device and batch size (llmquant/kernels/registry.py); kernel-specific layouts are derived once and
 cached, never saved.
 """
 
@@ -48,7 +48,9 @@ class QuantizedLinear(nn.Module):
         if scheme.has_static_activations:
             self.register_buffer("input_scale", torch.empty(1, dtype=torch.float32, **empty))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, **empty), requires_grad=False) if bias else None
-        self._kernels: dict = {}  # derived layouts, keyed by (kernel, device, dtype); never saved
+        # Derived layouts, keyed by (kernel, device, dtype); never saved. Public: the kernel
+        # registry fills it, and a forward that fused this layer's projections away clears it.
+        self.kernel_cache: dict = {}
 
     # ---- building from a float layer --------------------------------------------------------
     @classmethod
@@ -82,7 +84,7 @@ class QuantizedLinear(nn.Module):
             if zero_point is not None:
                 self.weight_zero_point = zero_point.to(torch.int8)
         self.weight_scale = scale.to(self.weight_scale.dtype)
-        self._kernels.clear()
+        self.kernel_cache.clear()
 
     # ---- reading back -----------------------------------------------------------------------
     def int_weight(self) -> Tensor:
@@ -145,7 +147,7 @@ class QuantizedLinear(nn.Module):
                 device = fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device
                 buf = buf.to(device)
             self._buffers[name] = buf
-        self._kernels.clear()
+        self.kernel_cache.clear()
         return self
 
     def extra_repr(self) -> str:

@@ -32,6 +32,17 @@ def test_unknown_keys_are_rejected_with_the_valid_ones():
                                "tasks": [{"task": "load"}]})
 
 
+def test_data_options_of_a_task_are_type_checked_when_the_suite_is_read():
+    # The same EvalData checks as the Python API and the CLI, before any model is loaded.
+    with pytest.raises(InvalidConfigError, match='task ppl-long: max_tokens must be an integer or null; got the '
+                                                 'string "many"'):
+        SuiteConfig.from_dict({"models": [{"name": "a"}],
+                               "tasks": [{"task": "perplexity", "name": "ppl-long", "max_tokens": "many"}]})
+    with pytest.raises(InvalidConfigError, match="task agreement: stride must be at least 1 and at most the window"):
+        SuiteConfig.from_dict({"models": [{"name": "a"}, {"name": "b"}],
+                               "tasks": [{"task": "agreement", "window": 64, "stride": 128}]})
+
+
 def test_shipped_suites_load_and_round_trip():
     from pathlib import Path
 

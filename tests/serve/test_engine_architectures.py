@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from llmquant.serve.engine import Engine
-from llmquant.serve.lean_forward import LeanForward
+from llmquant.serve.forward.lean import LeanForward, TorchSteps
 from llmquant.serve.sampling import SamplingParams
 
 
@@ -124,17 +124,18 @@ def test_engine_greedy_matches_generate(model_type, loaded_models):
     # The lean forward takes exactly the shapes it reproduces; the probe is only a second check.
     assert LeanForward.supports(loaded.model) == (model_type in LEAN)
     engine = check_engine(loaded)
-    assert (engine._lean is not None) == (model_type in LEAN)
+    assert isinstance(engine.forward, LeanForward) == (model_type in LEAN)
 
 
 @pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "plain"])
 @pytest.mark.parametrize("name", list(WINDOWED))
 def test_lean_forward_sliding_window_matches_generate(name, cpu_kernels, loaded_models, monkeypatch):
-    from llmquant.serve.lean_forward_cpu import CpuLeanForward
+    from llmquant.serve.forward import cpu_backend
 
     if not cpu_kernels:
-        monkeypatch.setattr(CpuLeanForward, "available", staticmethod(lambda model: False))
-    elif not CpuLeanForward.available(loaded_models(name).model):
+        monkeypatch.setattr(cpu_backend, "available", lambda model: False)
+    elif not cpu_backend.available(loaded_models(name).model):
         pytest.skip("no compiled CPU decode kernels on this machine")
     engine = check_engine(loaded_models(name))
-    assert type(engine._lean) is (CpuLeanForward if cpu_kernels else LeanForward)
+    assert isinstance(engine.forward, LeanForward)
+    assert type(engine.forward.steps) is (cpu_backend.CpuSteps if cpu_kernels else TorchSteps)

@@ -5,15 +5,16 @@ import pytest
 import torch
 
 from llmquant.serve import kv_cache
-from llmquant.serve.lean_forward import LeanForward, build_lean_forward, fuse_linears
-from llmquant.serve.lean_probe import NOISE_MARGIN, PROBE_MAX_KL, noise_floor
+from llmquant.serve.forward.fuse import fuse_linears
+from llmquant.serve.forward.lean import LeanForward
+from llmquant.serve.forward.probe import NOISE_MARGIN, PROBE_MAX_KL, noise_floor, probe_ids, probe_kl
+from llmquant.serve.forward.select import select_forward
+from llmquant.serve.forward.transformers_forward import TransformersForward, cache_kwarg
 
 
 def _hf_step(model, ids, positions, mask, cache):
-    from llmquant.serve.engine import _cache_kwarg
-
     return model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                 **{_cache_kwarg(model): cache}).logits.float()
+                 **{cache_kwarg(model): cache}).logits.float()
 
 
 def _compare_padded_batch(model, lean, atol):
@@ -71,44 +72,44 @@ def test_engine_uses_it_and_refuses_other_shapes(tiny_loaded, tiny_model_dir):
 
     engine = Engine(tiny_loaded, max_batch_size=2)
     try:
-        assert engine._lean is not None
+        assert isinstance(engine.forward, LeanForward)
     finally:
         engine.shutdown()
     plain = Engine(tiny_loaded, max_batch_size=2, lean_forward=False)
     try:
-        assert plain._lean is None
+        assert type(plain.forward) is TransformersForward
     finally:
         plain.shutdown()
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64))
     assert not LeanForward.supports(gpt2)
-    assert build_lean_forward(gpt2, 64, kv_cache.new_cache, "past_key_values", [5, 6, 7]) is None
+    assert type(select_forward(gpt2, 64, [5, 6, 7])) is TransformersForward
 
 
 def test_a_model_that_disagrees_is_refused(tiny_model_dir, tiny_loaded):
     """The probe tells a lean forward that computes something else (here: RMSNorm epsilon) apart."""
     from llmquant import load_model
-    from llmquant.serve.engine import _cache_kwarg, _probe_ids
 
     model = load_model(tiny_model_dir, dtype="float32").model
     for norm in [model.model.norm] + [n for layer in model.model.layers
                                       for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
         norm.variance_epsilon = 1.0  # large enough to change every output
     lean = LeanForward(model, 512)
-    probe = _probe_ids(tiny_loaded.tokenizer)
-    assert lean.check_against(model, kv_cache.new_cache, _cache_kwarg(model), probe) < 1e-6
+    probe = probe_ids(tiny_loaded.tokenizer)
+    assert probe_kl(lean, model, probe) < 1e-6
+    for layer in lean.layers:
+        layer.eps1 = layer.eps2 = 1e-6
     lean.eps = 1e-6
-    wrong = lean.check_against(model, kv_cache.new_cache, _cache_kwarg(model), probe)
+    wrong = probe_kl(lean, model, probe)
     assert wrong > PROBE_MAX_KL
     # The bound can rise with the model's own sensitivity to rounding, but not to this.
-    floor = noise_floor(model, kv_cache.new_cache, _cache_kwarg(model), probe)
+    floor = noise_floor(model, probe)
     assert wrong > NOISE_MARGIN * floor
 
 
 def test_noise_floor_of_an_ordinary_model_leaves_the_bound_alone(tiny_model_dir, tiny_loaded):
     """A one-bf16-step perturbation moves a bf16 model's outputs, but far less than the bound."""
     from llmquant import load_model
-    from llmquant.serve.engine import _cache_kwarg, _probe_ids
 
     model = load_model(tiny_model_dir, dtype="bfloat16").model
-    floor = noise_floor(model, kv_cache.new_cache, _cache_kwarg(model), _probe_ids(tiny_loaded.tokenizer))
+    floor = noise_floor(model, probe_ids(tiny_loaded.tokenizer))
     assert 0 < floor < PROBE_MAX_KL / NOISE_MARGIN / 10, floor

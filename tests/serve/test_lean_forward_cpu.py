@@ -5,7 +5,10 @@ import torch
 
 from llmquant.kernels import cpu_ext
 from llmquant.serve import kv_cache
-from llmquant.serve.lean_forward_cpu import CpuLeanForward
+from llmquant.serve.forward import cpu_backend
+from llmquant.serve.forward.cpu_backend import CpuSteps
+from llmquant.serve.forward.lean import LeanForward
+from llmquant.serve.forward.transformers_forward import cache_kwarg
 
 pytestmark = pytest.mark.skipif(cpu_ext.fast() is None, reason="needs the compiled CPU decode kernels (AVX-512 VNNI)")
 
@@ -22,10 +25,8 @@ class _CountingStack:
 
 
 def _hf(model, ids, positions, mask, cache):
-    from llmquant.serve.engine import _cache_kwarg
-
     return model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                 **{_cache_kwarg(model): cache}).logits.float()
+                 **{cache_kwarg(model): cache}).logits.float()
 
 
 def _kl(ref_logits, ours_logits) -> float:
@@ -64,9 +65,9 @@ def _model(tiny_model_dir, scheme):
 @pytest.mark.parametrize("scheme", [None, "W4A16", "W8A8", "W8A16"])
 def test_batch_one_decode_runs_in_cpp_and_agrees_with_transformers(tiny_model_dir, scheme):
     model = _model(tiny_model_dir, scheme)
-    lean = CpuLeanForward(model, 512)
-    assert lean.stack is not None and lean.int8_head is not None
-    lean.stack = counting = _CountingStack(lean.stack)
+    lean = LeanForward(model, 512, steps=CpuSteps)
+    assert lean.steps.stack is not None and lean.steps.int8_head is not None
+    lean.steps.stack = counting = _CountingStack(lean.steps.stack)
     kl, error = _batch_one_decode(model, lean)
     assert counting.steps == 4
     # Differences come from the INT8 lm_head copy and bf16 rounding order: measured KL 3e-6 to
@@ -78,17 +79,19 @@ def test_batch_one_decode_runs_in_cpp_and_agrees_with_transformers(tiny_model_di
 def test_a_wrong_layer_is_seen(tiny_model_dir):
     """The comparison above can fail: a stack built on a layer norm of the wrong epsilon is off."""
     model = _model(tiny_model_dir, None)
-    lean = CpuLeanForward(model, 512)
-    lean.eps_per_layer[0] = (1.0, lean.eps_per_layer[0][1])
-    lean.stack = lean._decode_stack(torch.bfloat16)
+    lean = LeanForward(model, 512, steps=CpuSteps)
+    lean.layers[0].eps1 = 1.0
+    lean.use_steps(CpuSteps)  # the C++ stack is built from the layers as they are now
+    lean.steps.stack = counting = _CountingStack(lean.steps.stack)
     kl, _ = _batch_one_decode(model, lean, steps=2)
+    assert counting.steps == 2
     assert kl > 1e-2, kl
 
 
 def test_padded_batches_use_the_python_loop_and_agree(tiny_model_dir):
     model = _model(tiny_model_dir, "W4A16")
-    lean = CpuLeanForward(model, 512)
-    lean.stack = counting = _CountingStack(lean.stack)
+    lean = LeanForward(model, 512, steps=CpuSteps)
+    lean.steps.stack = counting = _CountingStack(lean.steps.stack)
     ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9], [9, 10, 11, 12, 13, 14, 15, 16]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
     positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -111,7 +114,7 @@ def test_engine_builds_it_on_cpu(tiny_model_dir):
 
     engine = Engine(load_model(tiny_model_dir, dtype="bfloat16"), max_batch_size=2)
     try:
-        assert type(engine._lean) is CpuLeanForward
+        assert isinstance(engine.forward, LeanForward) and type(engine.forward.steps) is CpuSteps
     finally:
         engine.shutdown()
 
@@ -120,5 +123,5 @@ def test_float16_models_keep_the_torch_path(tiny_model_dir):
     """The compiled kernels have no float16 paths: such a model is not offered to them."""
     from llmquant import load_model
 
-    assert CpuLeanForward.available(load_model(tiny_model_dir, dtype="bfloat16").model)
-    assert not CpuLeanForward.available(load_model(tiny_model_dir, dtype="float16").model)
+    assert cpu_backend.available(load_model(tiny_model_dir, dtype="bfloat16").model)
+    assert not cpu_backend.available(load_model(tiny_model_dir, dtype="float16").model)

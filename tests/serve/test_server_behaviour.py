@@ -112,3 +112,45 @@ def test_graceful_shutdown_finishes_in_flight(tiny_model_dir, start_server):
             client.models.list()
     finally:
         srv.stop()
+
+
+def _held_port():
+    """A real socket listening on a free local port (what another server would hold)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+def test_a_port_in_use_fails_at_once_without_loading(tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    holder, port = _held_port()
+    try:
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "llmquant", "serve", str(tiny_model_dir), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120, env=os.environ.copy())
+        elapsed = time.monotonic() - start
+    finally:
+        holder.close()
+    err = proc.stderr
+    assert proc.returncode == 2, err
+    assert f"port {port}" in err and "already in use" in err and "--port" in err, err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    # Nothing was loaded and nothing claimed to serve (the old order printed "serving ..." first).
+    assert "loading the model" not in err and "serving" not in err, err
+    assert elapsed < 20, elapsed
+
+
+def test_the_port_is_bound_before_the_model_is_looked_at(tmp_path):
+    """A model that does not exist is not even looked for when the port is taken: bind comes first."""
+    from llmquant.serve.server import PortUnavailableError, serve
+
+    holder, port = _held_port()
+    try:
+        with pytest.raises(PortUnavailableError, match=f"port {port} on 127.0.0.1 is already in use"):
+            serve(str(tmp_path / "no-such-model"), port=port)
+    finally:
+        holder.close()

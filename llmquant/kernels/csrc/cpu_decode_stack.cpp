@@ -4,8 +4,9 @@
 // (a dozen calls and views per layer) adds a quarter to that. DecodeStack holds each layer's
 // tensors (the same storage the Python modules use: nothing is copied) and runs the layer loop
 // here: RMSNorm with the residual add, the fused q/k/v projection, rotary embedding, the new
-// key/value written into the cache buffer, attention, o_proj, and the MLP. The Python side
-// (serve/lean_forward_cpu.py) grows the cache buffers and exposes the new length afterwards.
+// key/value written into the cache buffer, attention, o_proj, and the MLP. It is built from the
+// lean forward's own layers (serve/forward/cpu_backend.py, the lean forward's CPU backend), which
+// also grows the cache buffers and exposes the new length afterwards.
 //
 // This file also defines the Python module of all the CPU decode kernels.
 #include "cpu_decode.h"

@@ -162,13 +162,16 @@ class GPTQHandler:
 
 
 def output_sqnr_db(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
-    """SQNR of the layer's outputs on the calibration inputs: tr(W H W^T) / tr(dW H dW^T)."""
+    """SQNR of the layer's outputs on the calibration inputs: tr(W H W^T) / tr(dW H dW^T).
+
+    The products run in float32 (a report figure, good to far below 0.01 dB; float64 products
+    were a tenth of GPTQ's own time on the demo model), the sums in float64."""
     import math
 
-    d = (weight - approx).double()
-    h = hessian.double()
-    noise = float((d @ h * d).sum())
-    signal = float((weight.double() @ h * weight.double()).sum())
+    w, h = weight.float(), hessian.float()
+    d = w - approx.float()
+    noise = float((d @ h * d).sum(dtype=torch.float64))
+    signal = float((w @ h * w).sum(dtype=torch.float64))
     if noise <= 0:
         return float("inf")
     return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")

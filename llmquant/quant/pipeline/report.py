@@ -18,6 +18,10 @@ from llmquant.quant.pipeline.expert_calibration import ALL_TOKENS
 
 REPORT_JSON = "quantization_report.json"
 REPORT_MD = "quantization_report.md"
+# Short names of the data passes (context.DataPass.step) for the one-line summary.
+PASS_NAMES = {"mixed_precision": "mixed-precision sensitivity", "smoothquant": "SmoothQuant", "awq": "AWQ",
+              "gptq": "GPTQ", "static_scales": "static activation scales", "activation_report": "activation report",
+              "verification": "verification"}
 
 
 @dataclass
@@ -58,7 +62,8 @@ class QuantReport:
     recipe: dict
     layers: list[LayerReport] = field(default_factory=list)
     kept_full_precision: dict[str, str] = field(default_factory=dict)  # name -> reason
-    calibration: dict | None = None
+    calibration: dict | None = None  # the calibration text, summed over every pass that read it
+    data_passes: list[dict] = field(default_factory=list)  # each pass of text through the model (context.DataPass)
     smoothquant: dict | None = None
     mixed_precision: dict | None = None
     verification: dict | None = None
@@ -108,6 +113,10 @@ class QuantReport:
         if "activation_sqnr_db_mean" in s:
             lines.append(f"activation SQNR: mean {s['activation_sqnr_db_mean']:.1f} dB, "
                          f"worst {s['activation_sqnr_db_min']:.1f} dB")
+        if self.data_passes:
+            lines.append("data: " + "; ".join(f"{_pass_name(p)} {p['samples']} x {p['seq_len']}"
+                                               + (" held-out" if p["split"] != "calibration" else "")
+                                               for p in self.data_passes))
         tokens = [r.calibration_tokens for r in self.layers if r.calibration_tokens is not None]
         if tokens:
             fallback = sum(ALL_TOKENS in (r.note or "") for r in self.layers)
@@ -131,6 +140,9 @@ class QuantReport:
                f"- source: {src.get('description', src.get('name'))}"]
         if self.calibration:
             out.append(f"- calibration: {self.calibration.get('description', '')}")
+        if self.data_passes:
+            out.append("- data used, pass by pass:")
+            out += [f"  - {_describe_pass(p)}" for p in self.data_passes]
         if self.smoothquant:
             out.append(f"- SmoothQuant: alpha {self.smoothquant['alpha']}, {self.smoothquant['applied']} mappings "
                        f"smoothed, {len(self.smoothquant['skipped'])} skipped")
@@ -165,6 +177,16 @@ def _layer_line(r: LayerReport) -> str:
     if r.note:
         parts.append(r.note)
     return ", ".join(parts)
+
+
+def _pass_name(p: dict) -> str:
+    return PASS_NAMES.get(p["step"], p["step"])
+
+
+def _describe_pass(p: dict) -> str:
+    seed = f", seed {p['seed']}" if p.get("seed") is not None else ""
+    return (f"{p['purpose']}: {p['samples']} x {p['seq_len']} tokens ({p['tokens']:,}) from {p['dataset']} "
+            f"({p['split']} split{seed})")
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:

@@ -99,3 +99,56 @@ def test_moe_summary_states_coverage_and_warns_when_experts_are_left_out(archite
     assert "model.layers.*.mlp.experts.*.w1 x8 (65,536 parameters): ignore 're:.*block_sparse_moe.experts.*' " \
            "(--ignore)" in partial.stdout
     assert lines[-1].startswith("WARNING: only 9.6% of the non-embedding parameters were quantized")
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """`llmquant ...` in this process (no interpreter start): exit code, stdout, stderr."""
+    from llmquant.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("text, phrase", [
+    ("quantize: [1, 2]\n", "quantize must be a mapping such as {scheme: W4A16}; got the list [1, 2]."),
+    ("quantize: {scheme: W8A16}\ncalibration: {num_samples: many}\n",
+     'calibration.num_samples must be an integer; got the string "many".'),
+    ('quantize: {scheme: W8A16, weights: {num_bits: "4"}}\n',
+     'quantize.weights.num_bits must be an integer, one of 4, 8; got the string "4".'),
+    ("quantize: {scheme: W8A16, ignore: [[lm_head]]}\n", "quantize.ignore must be a list of strings"),
+])
+def test_recipe_type_mistakes_are_one_paragraph_errors(tiny_model_dir, tmp_path, capsys, text, phrase):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    code, _, err = run_main(capsys, "quantize", tiny_model_dir, "--recipe", recipe, "--output", tmp_path / "x", *FAST)
+    assert code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert phrase in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # nothing written
+
+
+def test_ignore_written_as_one_string_keeps_that_layer(tiny_model_dir, tmp_path, capsys):
+    """`ignore: lm_head` is the pattern lm_head, not the letters l, m, _, h, e, a, d."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quantize: {scheme: W8A16, ignore: lm_head}\n")
+    code, _, err = run_main(capsys, "quantize", tiny_model_dir, "--recipe", recipe, "--output", tmp_path / "q",
+                            "--no-verify", *FAST)
+    assert code == 0, err
+    report = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
+    assert report["recipe"]["quantize"]["ignore"] == ["lm_head"]
+    assert "lm_head" not in {layer["name"] for layer in report["layers"]}
+    assert len(report["layers"]) == 14  # every decoder projection still quantized
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_output_that_cannot_be_created_fails_before_any_work(tiny_model_dir, tmp_path, where):
+    """A parent that is a regular file, or a folder nobody may create entries in (/proc refuses root
+    too): exit 2 with one paragraph, before the model is loaded, and nothing written."""
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder")
+    output = in_the_way / "out" if where == "file" else f"/proc/llmquant-test-{tmp_path.name}/out"
+    proc = run_cli("quantize", tiny_model_dir, "--scheme", "W8A16", "--output", output, *FAST)
+    assert_clean_error(proc, "Cannot create the output folder", "Choose another --output")
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr  # refused before the model was read
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and in_the_way.read_text() == "not a folder"

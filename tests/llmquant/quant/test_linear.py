@@ -87,11 +87,11 @@ def test_fast_cpu_kernels_are_used_where_they_apply():
     _, q4 = _layer("W4A16")
     q4(torch.randn(1, 576))
     q4(torch.randn(16, 576))
-    assert {k[0] for k, v in q4._kernels.items() if v} == {one_row, "int4pack_cpu"}
+    assert {k[0] for k, v in q4.kernel_cache.items() if v} == {one_row, "int4pack_cpu"}
     _, q8 = _layer("W8A16")
     q8(torch.randn(1, 576))
     q8(torch.randn(16, 576))
-    assert {k[0] for k, v in q8._kernels.items() if v} == {one_row.replace("4", "8"), "int8pack_cpu"}
+    assert {k[0] for k, v in q8.kernel_cache.items() if v} == {one_row.replace("4", "8"), "int8pack_cpu"}
 
 
 def test_model_dtype_cast_keeps_quantized_storage():

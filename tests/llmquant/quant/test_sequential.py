@@ -12,7 +12,7 @@ from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.pipeline.memory_plan import check_plan, plan_sequential
 from llmquant.quant.pipeline.plan import plan_layers
 from llmquant.config.recipe import GPTQConfig, recipe_from_scheme
-from llmquant.quant.pipeline.sequential import run_sequential
+from llmquant.quant.pipeline.sequential import DequantizedOnce, dequantized_once, run_sequential
 from llmquant.quant.pipeline.targets import linear_layers
 
 SMALL = dict(num_samples=8, seq_len=64, verify=False, progress=False, dtype="float32")
@@ -48,6 +48,64 @@ def test_each_layer_is_calibrated_on_the_quantized_upstream(tiny):
     used = seen["model.layers.1.self_attn.q_proj"]
     assert torch.allclose(used, quant_h, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(used, float_h, rtol=1e-3, atol=1e-3)  # the float model's would differ
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "W8A8", "FP8_DYNAMIC"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_propagation_stand_in_computes_what_the_quantized_layer_does(scheme, dtype):
+    from llmquant.config.presets import preset
+
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(128, 96, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(96, 128, generator=g))
+        linear.bias.copy_(torch.randn(96, generator=g))
+    chosen = preset(scheme)
+    static = 3.0 if chosen.has_static_activations else None
+    q = QuantizedLinear.from_float(linear, chosen, scale_dtype=torch.float32, input_scale=static).to(dtype)
+    x = torch.randn(3, 200, 128, generator=g).to(dtype)  # 600 rows: the many-row (prefill) path
+    with torch.inference_mode():
+        expected = q(x)
+        stand_in = DequantizedOnce(q)
+        assert torch.equal(stand_in(x), expected)
+        assert torch.equal(stand_in(x), expected)  # from the cached weight, too
+    assert len(stand_in.weights) == 1
+
+
+def test_propagation_pass_dequantizes_each_weight_once_and_puts_layers_back(tiny, monkeypatch):
+    net = tiny.model
+    batches = torch.randint(0, net.config.vocab_size, (16, 48), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = QuantizedLinear.dequantized_weight
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuantizedLinear, "dequantized_weight", counted)
+    run_sequential(net, batches, GPTQHandler(net, _plans(net), GPTQConfig(), torch.bfloat16), batch_size=4,
+                   progress=False)
+    quantized = [m for m in net.modules() if isinstance(m, QuantizedLinear)]
+    last = [m for m in net.model.layers[-1].modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == 7 * len(net.model.layers)
+    # Four batches per layer, yet one dequantization per quantized Linear layer; the last layer's
+    # outputs feed nothing, so it is not run again at all.
+    assert len(calls) == len(quantized) - len(last)
+    assert {id(m) for m in calls} == {id(m) for m in quantized} - {id(m) for m in last}
+    assert not any(isinstance(m, DequantizedOnce) for m in net.modules())
+
+
+def test_stand_ins_are_removed_even_when_the_pass_fails(tiny):
+    layer = tiny.model.model.layers[0]
+    linear = layer.self_attn.q_proj
+    from llmquant.config.presets import preset
+
+    layer.self_attn.q_proj = QuantizedLinear.from_float(linear, preset("W4A16"), scale_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="boom"):
+        with dequantized_once(layer):
+            assert isinstance(layer.self_attn.q_proj, DequantizedOnce)
+            raise RuntimeError("boom")
+    assert isinstance(layer.self_attn.q_proj, QuantizedLinear)
 
 
 def _input_hessian(net, name, batches):

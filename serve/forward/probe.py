@@ -1,4 +1,4 @@
-"""The check a lean forward passes before the engine uses it: agreement with transformers.
+"""The check a lean forward passes before the selector uses it: agreement with transformers.
 
 Both forwards run the probe sentence (a prefill, then one decode step) and must agree on the
 next-token distributions: mean KL divergence at most PROBE_MAX_KL nats/token. Real text, not
@@ -19,6 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from llmquant.serve import kv_cache
+from llmquant.serve.forward.interface import Forward
+from llmquant.serve.forward.transformers_forward import TransformersForward
+
 PROBE_MAX_KL = 0.01
 NOISE_MARGIN = 2.0
 PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. Quantized models answer questions, "
@@ -26,26 +30,35 @@ PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. Quantized models ans
 PERTURBATION = 2.0 ** -7  # relative: one bf16 step for mantissas near 1, half a step near 2
 
 
-def probe_steps(probe_ids: list[int], device) -> list[tuple[Tensor, Tensor]]:
+def probe_ids(tokenizer) -> list[int]:
+    """PROBE_TEXT tokenized (at least two tokens: a prefill and a decode step)."""
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    return ids if len(ids) >= 2 else [1, 2, 3, 4]
+
+
+def probe_steps(ids: list[int], device) -> list[tuple[Tensor, Tensor]]:
     """(input ids, positions) of the two probe steps: the prefill, then one decode step."""
-    ids = torch.tensor([probe_ids[:-1]], device=device)
-    positions = torch.arange(ids.shape[1], device=device)[None]
-    return [(ids, positions), (torch.tensor([probe_ids[-1:]], device=device), positions[:, -1:] + 1)]
+    prefill = torch.tensor([ids[:-1]], device=device)
+    positions = torch.arange(prefill.shape[1], device=device)[None]
+    return [(prefill, positions), (torch.tensor([ids[-1:]], device=device), positions[:, -1:] + 1)]
 
 
-def transformers_logprobs(model: nn.Module, new_cache, cache_kwarg: str, probe_ids: list[int],
-                          perturb: bool = False) -> list[Tensor]:
-    """transformers' next-token log-probabilities at each probe step; with `perturb`, its
-    input embeddings each moved by PERTURBATION in a fixed random direction."""
+def forward_logprobs(forward: Forward, ids: list[int], device) -> list[Tensor]:
+    """`forward`'s next-token log-probabilities at each probe step, on a fresh engine cache."""
+    cache, out = kv_cache.new_cache(), []
+    with torch.inference_mode():
+        for step_ids, positions in probe_steps(ids, device):
+            out.append(forward(step_ids, positions, None, cache, True).log_softmax(-1))
+    return out
+
+
+def transformers_logprobs(model: nn.Module, ids: list[int], perturb: bool = False) -> list[Tensor]:
+    """transformers' log-probabilities at each probe step; with `perturb`, its input embeddings
+    each moved by PERTURBATION in a fixed random direction."""
     embed = model.get_input_embeddings()
     handle = embed.register_forward_hook(_perturb) if perturb else None
     try:
-        cache, out = new_cache(), []
-        with torch.inference_mode():
-            for ids, positions in probe_steps(probe_ids, embed.weight.device):
-                logits = model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_kwarg: cache}).logits
-                out.append(logits.float().log_softmax(-1))
-        return out
+        return forward_logprobs(TransformersForward(model), ids, embed.weight.device)
     finally:
         if handle is not None:
             handle.remove()
@@ -60,10 +73,15 @@ def max_mean_kl(reference: list[Tensor], other: list[Tensor]) -> float:
     return worst
 
 
-def noise_floor(model: nn.Module, new_cache, cache_kwarg: str, probe_ids: list[int]) -> float:
+def probe_kl(forward: Forward, model: nn.Module, ids: list[int]) -> float:
+    """The larger of the probe steps' mean KL divergence between transformers' forward and `forward`."""
+    device = model.get_input_embeddings().weight.device
+    return max_mean_kl(transformers_logprobs(model, ids), forward_logprobs(forward, ids, device))
+
+
+def noise_floor(model: nn.Module, ids: list[int]) -> float:
     """KL between transformers' forward and itself with one-bf16-step input perturbations."""
-    return max_mean_kl(transformers_logprobs(model, new_cache, cache_kwarg, probe_ids),
-                       transformers_logprobs(model, new_cache, cache_kwarg, probe_ids, perturb=True))
+    return max_mean_kl(transformers_logprobs(model, ids), transformers_logprobs(model, ids, perturb=True))
 
 
 def _perturb(module, args, output: Tensor) -> Tensor:
