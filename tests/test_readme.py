@@ -130,3 +130,17 @@ def test_one_baseline_per_split_matches_its_result_file():
         row = next(r for split, r in rows.items() if split.startswith(f"first {tokens} tokens"))
         assert int(tokens.replace(",", "")) == max_tokens
         assert float(row[2].strip("*")) == round(ppl, 3), row
+
+
+def test_readme_speed_table_quotes_the_current_speed_results():
+    """Each decode and prefill rate in the README's speed table is a row of speed.json, whose
+    machine the section names."""
+    results = json.loads((RESULTS / "speed.json").read_text())
+    measured = {(round(r["decode_tok_s"], 1), round(r["prefill_tok_s"])) for r in results["rows"]}
+    section = _section(README.read_text(), "## What it gains: speed")
+    assert "speed.md" in section and "Xeon" in results["meta"]["device"] and "Xeon" in section
+    assert "amx" in results["meta"]["device"].lower() and "AMX" in section
+    rows = _table_rows(section)[1:]
+    assert len(rows) >= 3
+    for cells in rows:
+        assert (float(cells[2]), int(cells[3])) in measured, cells

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,37 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = path + os.pathsep + bin_dir if path else bin_dir
 
 
-def _built(name: str) -> bool:
-    """Whether torch's extension cache already holds this build (then loading takes a moment)."""
+def _build_directory(name: str) -> Path | None:
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
-    except Exception:  # a private helper of torch's: if it moves, only the notice is lost
-        return True
+        return Path(_get_build_directory(name, False))
+    except Exception:  # a private helper of torch's: if it moves, only the notice and lock check are lost
+        return None
+
+
+def _built(name: str) -> bool:
+    """Whether torch's extension cache already holds this build (then loading takes a moment)."""
+    folder = _build_directory(name)
+    return folder is None or (folder / f"{name}.so").exists()
+
+
+# A build takes about a minute; a lock much older than that was left by a build that was killed
+# (Ctrl-C, OOM, a timeout). torch waits on such a lock forever, so every later start would hang.
+STALE_LOCK_SECONDS = 600
+
+
+def _remove_stale_lock(name: str) -> None:
+    folder = _build_directory(name)
+    lock = folder / "lock" if folder is not None else None
+    try:
+        age = time.time() - lock.stat().st_mtime if lock is not None else 0.0
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("removing a stale build lock of the CPU decode kernels (%s, %.0f min old: an earlier "
+                    "build was interrupted)", lock, age / 60)
+        lock.unlink(missing_ok=True)
 
 
 @functools.cache
@@ -69,6 +93,7 @@ def load():
         return None
     _ninja_on_path()
     name = f"llmquant_cpu_decode_{_build_digest()}"
+    _remove_stale_lock(name)
     if not _built(name):
         log.warning("building llmquant's CPU decode kernels for this machine (once; about a minute)...")
     try:

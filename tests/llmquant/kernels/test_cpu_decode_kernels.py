@@ -205,3 +205,30 @@ def test_the_installed_ninja_is_found_without_an_activated_environment(monkeypat
     assert shutil.which("ninja") is None
     cpu_ext._ninja_on_path()
     assert shutil.which("ninja") is not None and os.environ["PATH"].endswith(ninja.BIN_DIR)
+
+
+def test_a_stale_build_lock_does_not_hang_the_next_start():
+    # A build killed mid-way leaves torch's lock file behind, and torch waits on it forever.
+    # A fresh process (load() is cached per process) must remove a lock older than a build takes.
+    # The build itself exists already (this module loaded it), so the fresh process only loads it.
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = ("import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
+            "from llmquant.kernels import cpu_ext\n"
+            "name = f'llmquant_cpu_decode_{cpu_ext._build_digest()}'\n"
+            "from torch.utils.cpp_extension import _get_build_directory\n"
+            "print(_get_build_directory(name, False))\n")
+    folder = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()[-1]
+    lock = os.path.join(folder, "lock")
+    open(lock, "w").close()
+    old = time.time() - 2 * cpu_ext.STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    out = subprocess.run([sys.executable, "-c", "from llmquant.kernels import cpu_ext; "
+                          "print('LOADED', cpu_ext.load() is not None)"],
+                         capture_output=True, text=True, timeout=300)
+    assert "LOADED True" in out.stdout, out.stderr[-2000:]
+    assert "stale build lock" in out.stderr
