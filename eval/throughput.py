@@ -69,6 +69,7 @@ def offline_throughput(
     the loading options, `revision` included, apply to a source)."""
     from llmquant.loading import LoadedModel, load_model
     from llmquant.serve.engine import Engine
+    from llmquant.serve.setup_thread import run_in_setup_thread
 
     if decode_tokens < 2 or prompt_tokens < 1 or any(n < 1 for n in (*prefill_lengths, *batch_sizes)):
         raise InvalidConfigError("throughput needs decode_tokens >= 2, prompt_tokens >= 1, and positive prompt "
@@ -77,16 +78,22 @@ def offline_throughput(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with _RssSampler() as rss:
-        load_seconds = None
-        if isinstance(model, LoadedModel):
-            loaded = model
-        else:
-            t = time.perf_counter()
-            loaded = load_model(model, revision=revision, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                                trust_remote_code=trust_remote_code)
-            load_seconds = time.perf_counter() - t
-        engine = Engine(loaded, max_batch_size=max(batch_sizes), max_waiting=max(batch_sizes) + 1,
-                        max_prefill_tokens=max(4096, max(batch_sizes) * prompt_tokens))
+        def build():
+            load_seconds = None
+            if isinstance(model, LoadedModel):
+                loaded = model
+            else:
+                t = time.perf_counter()
+                loaded = load_model(model, revision=revision, dtype=dtype, device=device,
+                                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                load_seconds = time.perf_counter() - t
+            engine = Engine(loaded, max_batch_size=max(batch_sizes), max_waiting=max(batch_sizes) + 1,
+                            max_prefill_tokens=max(4096, max(batch_sizes) * prompt_tokens))
+            return loaded, load_seconds, engine
+
+        # As `llmquant serve` does (serve/setup_thread.py): the engine's thread is then the only
+        # one with OpenMP workers, so what is measured is what the server runs.
+        loaded, load_seconds, engine = run_in_setup_thread(build)
         try:
             corpus = _corpus_ids(loaded.tokenizer, max(max(prefill_lengths), prompt_tokens * max(batch_sizes)))
             prefill, decode, skipped = _measure(engine, corpus, prefill_lengths, batch_sizes, decode_tokens,

@@ -9,7 +9,8 @@ Files: engine.py (batching loop), kv_cache.py, sampling.py, detokenizer.py, even
 forward/ (the model forward the engine runs: one interface, chosen per model by forward/select.py);
 app.py (routes), protocol.py (request bodies), completions.py / chat.py (responses),
 choices.py / fanout.py (shared plumbing), api_errors.py, metrics.py; server.py (uvicorn,
-graceful shutdown); vllm_backend.py (`--backend vllm`).
+graceful shutdown), setup_thread.py (model and engine built in a thread that ends: why, inside);
+vllm_backend.py (`--backend vllm`).
 """
 
 from __future__ import annotations

@@ -132,15 +132,22 @@ def test_one_baseline_per_split_matches_its_result_file():
         assert float(row[2].strip("*")) == round(ppl, 3), row
 
 
-def test_readme_speed_table_quotes_the_current_speed_results():
-    """Each decode and prefill rate in the README's speed table is a row of speed.json, whose
-    machine the section names."""
-    results = json.loads((RESULTS / "speed.json").read_text())
-    measured = {(round(r["decode_tok_s"], 1), round(r["prefill_tok_s"])) for r in results["rows"]}
+def test_readme_speed_table_quotes_the_current_serving_results():
+    """Each rate in the README's speed table is a row of serving.json (runner, clients and
+    output tok/s, TTFT where given), whose machine the section names."""
+    results = json.loads((RESULTS / "serving.json").read_text())
+    measured = {}
+    for r in results["rows"]:
+        runner = "serve" if "serve" in r["engine"] else "generate()"
+        clients = r.get("concurrency", r.get("batch"))
+        measured[(r["model"], runner, clients, round(r["output_tokens_per_s"], 1))] = r.get("ttft_p50_s")
     section = _section(README.read_text(), "## What it gains: speed")
-    assert "speed.md" in section and "Xeon" in results["meta"]["device"] and "Xeon" in section
-    assert "amx" in results["meta"]["device"].lower() and "AMX" in section
+    assert "serving.md" in section and "Xeon" in results["meta"]["device"] and "Xeon" in section
     rows = _table_rows(section)[1:]
-    assert len(rows) >= 3
+    assert len(rows) >= 4
     for cells in rows:
-        assert (float(cells[2]), int(cells[3])) in measured, cells
+        runner = "serve" if "serve" in cells[1] else "generate()"
+        key = (cells[0].split()[0], runner, int(cells[2]), float(cells[3]))
+        assert key in measured, cells
+        if cells[4]:
+            assert round(measured[key], 3) == float(cells[4].removesuffix(" s")), cells
