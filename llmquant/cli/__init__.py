@@ -13,21 +13,8 @@ import sys
 from importlib import import_module
 from typing import Iterable
 
+from llmquant.cli.commands import COMMANDS
 from llmquant.errors import LLMQuantError
-
-
-# name -> (module that registers the command's flags, the one line `llmquant --help` shows).
-# `llmquant --help` must answer instantly, so it never imports a command's module: those pull in
-# torch and transformers (seconds). tests/llmquant/cli/test_help.py checks these lines equal what
-# each module registers.
-COMMANDS = {
-    "quantize": ("llmquant.cli.quantize_cmd", "quantize a model and save a compressed-tensors checkpoint"),
-    "eval": ("llmquant.cli.eval_cmd", "measure models: perplexity, agreement, throughput, load, suites"),
-    "serve": ("llmquant.cli.serve_cmd", "serve a model through an OpenAI-compatible HTTP API"),
-    "distill": ("llmquant.cli.distill_cmd",
-                "make a smaller student from a teacher and train it to match the teacher"),
-    "push": ("llmquant.cli.push_cmd", "publish a model folder to the Hugging Face Hub with a model card"),
-}
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmquant.cli.commands import summary
 from llmquant.cli.common import add_model_arguments, model_kwargs
 from llmquant.distill.losses import DIVERGENCES
 from llmquant.distill.recipe import MIXED_PRECISION, OPTIMIZERS, TEACHER_MODES
@@ -36,7 +37,7 @@ same command with --resume to continue exactly where it stopped.
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "distill", help="make a smaller student from a teacher and train it to match the teacher",
+        "distill", help=summary("distill"),
         description="Make a student from a teacher (drop layers, prune width, or a fresh config), train it "
         "with knowledge distillation (optionally quantization-aware) and save it as an ordinary checkpoint "
         "(or a compressed-tensors one after QAT).",

@@ -12,6 +12,7 @@ import math
 import statistics
 from typing import TYPE_CHECKING, Callable
 
+from llmquant.cli.commands import summary
 from llmquant.cli import eval_measure_cmd, eval_suite_cmd
 from llmquant.cli.common import add_model_arguments
 from llmquant.cli.eval_flags import add_data_arguments, add_output_argument, check_output, eval_data_from_args, \
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval", help="measure models: perplexity, agreement, throughput, load, suites",
+        "eval", help=summary("eval"),
         description="Measure a model, quantized or not. Choose a metric.",
     )
     metrics = parser.add_subparsers(dest="metric", metavar="METRIC", required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmquant.cli.commands import summary
 from llmquant.hub.card_facts import RELATIONS
 
 EPILOG = """\
@@ -22,7 +23,7 @@ examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "push", help="publish a model folder to the Hugging Face Hub with a model card",
+        "push", help=summary("push"),
         description="Upload a model folder (a quantized or distilled checkpoint) to a Hub repository in one "
         "commit, creating the repository if needed. Writes a model card (README.md) when the folder has "
         "none: Hub metadata, the recipe, calibration, verification and the evaluation results found in "

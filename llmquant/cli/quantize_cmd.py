@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+from llmquant.cli.commands import summary
 from llmquant.cli.common import add_flags, add_model_arguments
 from llmquant.config.flags import LOAD, QUANTIZE_FLAGS, RECIPE, RUN, VERIFY, build_recipe, options, split_keywords
 
@@ -41,7 +42,7 @@ examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "quantize", help="quantize a model and save a compressed-tensors checkpoint",
+        "quantize", help=summary("quantize"),
         description="Quantize a model's Linear layers and save a checkpoint that vLLM, transformers "
         "and llmquant load. Prints a per-layer error report and checks the saved folder against the "
         "original model on held-out text.",

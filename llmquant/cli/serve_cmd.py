@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from llmquant.cli.commands import summary
 from llmquant.cli.common import add_model_arguments, model_kwargs
 
 EPILOG = """\
@@ -27,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from llmquant.serve.server import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SHUTDOWN_TIMEOUT_S
 
     parser = subparsers.add_parser(
-        "serve", help="serve a model through an OpenAI-compatible HTTP API",
+        "serve", help=summary("serve"),
         description="Serve a model, quantized or not, through an OpenAI-compatible HTTP API, on llmquant's own "
         "continuous-batching engine (CPU, or CUDA when present; quantized folders run on their quantized "
         "layers), or on vLLM with --backend vllm.",
