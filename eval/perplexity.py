@@ -7,10 +7,15 @@
     from llmquant.data import EvalData
     result = perplexity("out/", EvalData(dataset="notes.txt", window=512))  # all of notes.txt
 
+    result = perplexity("org/70b-model", stream=True)  # read one decoder layer at a time
+
 The window scheme is the transformers guide's (see `eval.windows`); the NLL is summed
 per token in float32 (see `eval.scoring`). Perplexity is per *token*, so it depends on
 the tokenizer; `bits_per_byte` normalizes by the UTF-8 size of the text instead and is
 comparable across tokenizers on the same evaluation text.
+
+`stream=True` computes the same numbers with the model read from its safetensors files one
+decoder layer at a time (see `eval.streamed_scoring`), for a model larger than memory.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from llmquant.data.tokenize import tokenize_split
 from llmquant.errors import InvalidConfigError
 from llmquant.eval.local_model import DEFAULT_MAX_WINDOW, context_length, dtype_name, resolve_model
 from llmquant.eval.scoring import model_device, score_windows
+from llmquant.eval.streamed_scoring import is_streamed, load_streamed, score_windows_streamed
 from llmquant.eval.windows import plan_windows
 
 
@@ -42,7 +48,9 @@ class PerplexityResult:
     bits_per_byte: float
     per_window: list[float]  # mean NLL (nats/token) of each window, in stream order
     method: dict[str, Any]
-    seconds: float  # wall time of the forward passes (model loading and tokenizing excluded)
+    # Wall time of the forward passes (model loading and tokenizing excluded; a streamed run's
+    # reading of each layer's weights is part of its passes, so it is included).
+    seconds: float
     model: str
     num_bytes: int = 0  # UTF-8 bytes of the evaluated text
     per_window_unit: str = "mean NLL (nats/token)"
@@ -51,7 +59,7 @@ class PerplexityResult:
         return asdict(self)
 
 
-def perplexity(model: Any = None, data: EvalData | None = None, *, progress: bool = True,
+def perplexity(model: Any = None, data: EvalData | None = None, *, stream: bool = False, progress: bool = True,
                **options: Any) -> PerplexityResult:
     """Perplexity of `model` on the text `data` selects.
 
@@ -67,13 +75,21 @@ def perplexity(model: Any = None, data: EvalData | None = None, *, progress: boo
             a smaller stride gives each scored token more context and costs window/stride
             times more compute;
         batch_size: windows per forward pass.
+    stream: read the model from its safetensors files one decoder layer at a time, so that memory
+        holds one layer's weights and every window's hidden states, not the model (same result).
+        Needs a source (Hub id, folder) or a LoadedModel from `load_model(stream=True)` (always
+        scored this way); a GGUF file, pickle weights or a model already in memory are refused.
     options: any of those fields as keyword arguments (`max_tokens=8192`), applied over `data`.
     """
     data = EvalData.build(data, **options)
     # Read the text before loading the model: a missing file or an unreachable Hub
     # dataset should fail in a second, not after a multi-gigabyte model load.
     text_split = scored_text(data)
-    lm, tokenizer, description = resolve_model(model, **data.load_options())
+    streamed = load_streamed(model, **data.load_options()) if stream or is_streamed(model) else None
+    if streamed is not None:
+        lm, tokenizer, description = streamed.model, streamed.tokenizer, streamed.source.describe()
+    else:
+        lm, tokenizer, description = resolve_model(model, **data.load_options())
     context = context_length(lm)
     window = data.window
     if window is None:
@@ -84,14 +100,18 @@ def perplexity(model: Any = None, data: EvalData | None = None, *, progress: boo
             f"use --window {context} or less."
         )
     stride = data.stride if data.stride is not None else window
-    stream = tokenize_split(tokenizer, text_split, max_tokens=data.max_tokens)
-    windows = plan_windows(stream.num_tokens, window, stride)
+    tokens = tokenize_split(tokenizer, text_split, max_tokens=data.max_tokens)
+    windows = plan_windows(tokens.num_tokens, window, stride)
 
     was_training = lm.training
     lm.eval()
     start = time.perf_counter()
     try:
-        scores = score_windows(lm, stream.ids, windows, batch_size=data.batch_size, progress=progress)
+        if streamed is not None:
+            scores = score_windows_streamed(lm, streamed.weights, tokens.ids, windows, batch_size=data.batch_size,
+                                            progress=progress)
+        else:
+            scores = score_windows(lm, tokens.ids, windows, batch_size=data.batch_size, progress=progress)
     finally:
         lm.train(was_training)
     seconds = time.perf_counter() - start
@@ -101,14 +121,14 @@ def perplexity(model: Any = None, data: EvalData | None = None, *, progress: boo
         perplexity=math.exp(nll_per_token),
         nll_per_token=nll_per_token,
         num_tokens_scored=scores.num_scored,
-        bits_per_byte=scores.nll_sum / math.log(2) / stream.num_bytes,
+        bits_per_byte=scores.nll_sum / math.log(2) / tokens.num_bytes,
         per_window=scores.per_window_nll,
         method={
-            "dataset": stream.dataset,
-            "split": stream.split,
-            "data": stream.description,
-            "scored": describe_scored(stream),
-            "num_tokens": stream.num_tokens,
+            "dataset": tokens.dataset,
+            "split": tokens.split,
+            "data": tokens.description,
+            "scored": describe_scored(tokens),
+            "num_tokens": tokens.num_tokens,
             "max_tokens": data.max_tokens,
             "window": window,
             "stride": stride,
@@ -117,9 +137,11 @@ def perplexity(model: Any = None, data: EvalData | None = None, *, progress: boo
             "normalization": "token",
             "bos": False,
             "dtype": dtype_name(lm),
-            "device": str(model_device(lm)),
+            "device": str(streamed.weights.device if streamed is not None else model_device(lm)),
+            # Read one decoder layer at a time from the files (same windows, same arithmetic).
+            "streamed": streamed is not None,
         },
         seconds=seconds,
         model=description,
-        num_bytes=stream.num_bytes,
+        num_bytes=tokens.num_bytes,
     )

@@ -28,7 +28,7 @@ from llmquant.serve.detokenizer import IncrementalDetokenizer
 from llmquant.serve.forward.probe import probe_ids
 from llmquant.serve.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_MAX_WAITING
 from llmquant.serve.forward.select import select_forward
-from llmquant.serve.memory import release_freed_memory
+from llmquant.memory import release_freed_memory
 from llmquant.serve.events import (
     FINISH_ABORT,
     FINISH_LENGTH,

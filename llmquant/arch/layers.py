@@ -8,11 +8,14 @@ from llmquant.errors import InvalidConfigError
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of repeated decoder blocks: the one holding the most Linear layers."""
+    """The ModuleList of repeated decoder blocks: the one holding the most Linear layers (float or,
+    in a quantized model, QuantizedLinear)."""
+    from llmquant.quant.linear import QuantizedLinear
+
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            n = sum(isinstance(m, nn.Linear) for m in module.modules())
+            n = sum(isinstance(m, (nn.Linear, QuantizedLinear)) for m in module.modules())
             if n and (best is None or n > best[0]):
                 best = (n, name, module)
     if best is None:

@@ -122,9 +122,11 @@ def _prefixed(m: Mapping, p: str) -> Mapping:
                    [p + r for r in m.readers], m.rows)
 
 
-def check_readers(model: nn.Module, mappings: list[Mapping], ids: Tensor) -> dict[str, str]:
+def check_readers(model: nn.Module, mappings: list[Mapping], ids: Tensor, run=None) -> dict[str, str]:
     """Run `ids` (1, L) through the model and return {smooth: why} for every mapping whose readers
-    do not read exactly the smoothing module's output (e.g. a norm applied after attention)."""
+    do not read exactly the smoothing module's output (e.g. a norm applied after attention).
+    `run(hooks)`, when given, runs the probe instead (a streamed run: one decoder layer on its
+    captured inputs) and removes the hooks."""
     outputs: dict[str, Tensor] = {}  # smoothing module -> its output on the probe
     read: set[tuple[str, str]] = set()  # (smoothing module, reader) pairs confirmed
     rejected: dict[str, str] = {}
@@ -147,12 +149,15 @@ def check_readers(model: nn.Module, mappings: list[Mapping], ids: Tensor) -> dic
     for mp in checked:
         hooks.append(model.get_submodule(mp.smooth).register_forward_hook(keep(mp.smooth)))
         hooks += [model.get_submodule(r).register_forward_pre_hook(compare(mp.smooth, r)) for r in mp.readers]
-    try:
-        with torch.inference_mode():
-            model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    if run is not None:
+        run(hooks)
+    else:
+        try:
+            with torch.inference_mode():
+                model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
     for mp in checked:
         if mp.smooth not in rejected and any((mp.smooth, r) not in read for r in mp.readers):
             rejected[mp.smooth] = "a module reading it did not run on the probe"

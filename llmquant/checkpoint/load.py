@@ -21,11 +21,11 @@ from torch import nn
 from llmquant.arch.experts import linearize
 from llmquant.arch.registry import from_checkpoint_name, model_spec, to_checkpoint_name
 from llmquant.checkpoint.ct_config import parse_quantization_config
+from llmquant.checkpoint.shard_writer import INDEX_NAME
 from llmquant.errors import CorruptCheckpointError
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.pipeline.targets import best_group, matches, set_submodule
 
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -44,7 +44,8 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _build_skeleton(config: dict, dtype: torch.dtype) -> nn.Module:
+def build_skeleton(config: dict, dtype: torch.dtype) -> nn.Module:
+    """The model of `config` (config.json's dict) with its parameters on the meta device."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -77,13 +78,19 @@ def swap_quantized_layers(model: nn.Module, quantization_config: dict, dtype: to
     return count
 
 
-def load_quantized_model(folder: Path, config: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    folder = Path(folder)
-    model = _build_skeleton(config, dtype)
-    spec = model_spec(model)
-    linearize(model, spec.experts)
+def quantized_skeleton(folder: Path, config: dict, dtype: torch.dtype) -> nn.Module:
+    """The skeleton of a compressed-tensors folder: experts split, QuantizedLinear shells in place."""
+    model = build_skeleton(config, dtype)
+    linearize(model, model_spec(model).experts)
     if swap_quantized_layers(model, config["quantization_config"], dtype) == 0:
         raise CorruptCheckpointError(f"The quantization_config in {folder}/config.json matches no Linear layer.")
+    return model
+
+
+def load_quantized_model(folder: Path, config: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    folder = Path(folder)
+    model = quantized_skeleton(folder, config, dtype)
+    spec = model_spec(model)
     quantized = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantizedLinear) for b in m._buffers}
     expected = set(model.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
@@ -108,11 +115,11 @@ def load_quantized_model(folder: Path, config: dict, dtype: torch.dtype, device:
     if missing:
         raise CorruptCheckpointError(
             f"{folder} lacks {len(missing)} tensor(s) the model needs, e.g. {', '.join(missing[:3])}.")
-    _load_generation_config(model, folder)
+    load_generation_config(model, folder)
     return model.to(device).eval()
 
 
-def _load_generation_config(model: nn.Module, folder: Path) -> None:
+def load_generation_config(model: nn.Module, folder: Path) -> None:
     from transformers import GenerationConfig
 
     if (folder / "generation_config.json").is_file():

@@ -13,18 +13,17 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from llmquant.arch.registry import model_spec, to_checkpoint_name
+from llmquant.checkpoint.shard_writer import DEFAULT_MAX_SHARD_BYTES, write_weights
 from llmquant.quant.linear import QuantizedLinear
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "checkpoint_tensors", "module_tensors", "save_quantized", "tied_keys",
+           "write_metadata", "write_weights"]
 
 
-def _tied_keys(model: nn.Module) -> set[str]:
+def tied_keys(model: nn.Module) -> set[str]:
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
     tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
@@ -34,15 +33,24 @@ def _tied_keys(model: nn.Module) -> set[str]:
 def checkpoint_tensors(model: nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors to save, by checkpoint name: quantized buffers as they are, float tensors in
     storage_dtype."""
+    return module_tensors(model, "", storage_dtype, model_spec(model), tied_keys(model))
+
+
+def module_tensors(module: nn.Module, prefix: str, storage_dtype: torch.dtype, spec, skip: set[str],
+                   only: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """`checkpoint_tensors` of one submodule (`prefix`: its name in the model; "" for the model),
+    as a streamed run writes them a decoder layer at a time; `skip`: tied names, left out;
+    `only`: just these names (by the model's spelling)."""
+    dot = f"{prefix}." if prefix else ""
     quantized_buffers = {
-        f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, QuantizedLinear) for b in m._buffers
+        ".".join(part for part in (prefix, name, b) if part) for name, m in module.named_modules()
+        if isinstance(m, QuantizedLinear) for b in m._buffers
     }
-    skip = _tied_keys(model)
-    spec = model_spec(model)
     out: dict[str, torch.Tensor] = {}
     seen_storage: set[int] = set()
-    for key, tensor in model.state_dict().items():
-        if key in skip:
+    for local, tensor in module.state_dict().items():
+        key = dot + local
+        if key in skip or (only is not None and key not in only):
             continue
         if key not in quantized_buffers and tensor.is_floating_point():
             tensor = tensor.to(storage_dtype)
@@ -55,43 +63,19 @@ def checkpoint_tensors(model: nn.Module, storage_dtype: torch.dtype) -> dict[str
     return out
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    return shards
-
-
-def write_weights(tensors: dict[str, torch.Tensor], folder: Path,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
-    shards = _shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        path = folder / WEIGHTS_NAME
-        save_file(shards[0], path, metadata={"format": "pt"})
-        return [path]
-    paths, weight_map = [], {}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        paths.append(folder / name)
-        weight_map.update({k: name for k in shard})
-    with open(folder / INDEX_NAME, "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-    return paths
-
-
 def save_quantized(model: nn.Module, tokenizer, folder: Path, quantization_config: dict, *,
                    storage_dtype: torch.dtype, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
     """Write weights, config.json (with quantization_config), generation config and tokenizer."""
     folder = Path(folder)
     paths = write_weights(checkpoint_tensors(model, storage_dtype), folder, max_shard_bytes)
+    write_metadata(model, tokenizer, folder, quantization_config, storage_dtype=storage_dtype)
+    return paths
+
+
+def write_metadata(model: nn.Module, tokenizer, folder: Path, quantization_config: dict, *,
+                   storage_dtype: torch.dtype) -> None:
+    """Everything of a checkpoint folder but its weights: config.json with the quantization_config,
+    the generation config, the tokenizer."""
     config = model.config.to_diff_dict()  # what save_pretrained writes: the fields that differ from defaults
     config["quantization_config"] = quantization_config
     config["dtype"] = str(storage_dtype).removeprefix("torch.")
@@ -103,4 +87,3 @@ def save_quantized(model: nn.Module, tokenizer, folder: Path, quantization_confi
         generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    return paths

@@ -43,6 +43,11 @@ def _add_perplexity(metrics: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     add_data_arguments(parser)
+    parser.add_argument_group("memory (models larger than RAM or the GPU)").add_argument(
+        "--stream", action="store_true",
+        help="read the model one decoder layer at a time from its safetensors files, so that memory holds one "
+        "layer's weights and the hidden states of all windows, not the model; same result, a folder or Hub "
+        "id only (not .gguf or pickle weights)")
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true",
                         help="print the result as JSON on stdout instead of a summary")
@@ -54,7 +59,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     check_output(args.output)
     from llmquant.eval import perplexity
 
-    result = perplexity(args.model, eval_data_from_args(args), progress=True)
+    result = perplexity(args.model, eval_data_from_args(args), stream=args.stream, progress=True)
     document = json.dumps(result.to_dict(), indent=2)
     if args.json:
         print(document)
@@ -81,7 +86,8 @@ def format_summary(result: PerplexityResult) -> str:
         f"scored     {result.num_tokens_scored:,} of {method['num_tokens']:,} tokens, "
         f"{result.num_bytes:,} bytes",
         f"method     {method['window']}-token windows, stride {method['stride']}, "
-        f"{method['num_windows']} windows{spread}",
+        f"{method['num_windows']} windows{spread}"
+        + ("; model read one decoder layer at a time" if method.get("streamed") else ""),
         f"time       {result.seconds:.1f} s",
     ]
     return "\n".join(lines)

@@ -27,10 +27,11 @@ DEFAULT_SCHEME = "W4A16"
 RECIPE, LOAD, VERIFY, RUN = "recipe", "load", "verification", "run"
 OPTION_CLASSES = {LOAD: LoadOptions, VERIFY: VerifyOptions, RUN: RunOptions}
 
-WHAT, OBSERVERS, GPTQ, DATA, CHECK, HUB = (
+WHAT, OBSERVERS, GPTQ, DATA, MEMORY, CHECK, HUB = (
     "what to quantize", "observers (how ranges are chosen)",
     "GPTQ (rounding that corrects each column's error with the next columns)",
-    "calibration data (activation schemes and GPTQ)", "verification", "publishing")
+    "calibration data (activation schemes and GPTQ)", "memory (models larger than RAM or the GPU)",
+    "verification", "publishing")
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,14 @@ QUANTIZE_FLAGS: tuple[Flag, ...] = (
     Flag("resume", RUN, ("--resume",),
          "continue an interrupted GPTQ run at the layer it reached (its progress is kept in OUTPUT.resume/ "
          "until the checkpoint is saved); the settings must be the same", GPTQ, cli=dict(action="store_true")),
+    Flag("stream", RUN, ("--stream",),
+         "read the model one decoder layer at a time from its safetensors files, so that memory holds one "
+         "layer and the calibration activations, not the model (default: stream when the plan printed "
+         "first says the whole model would not fit)", MEMORY, cli=dict(action="store_true"),
+         negative=("--no-stream", "load the whole model into memory, whatever the plan says"), exclusive="stream"),
+    Flag("max_shard_size", RUN, ("--max-shard-size",),
+         "largest checkpoint shard, e.g. 5GB (default), 500MB or 2GiB; bigger checkpoints are split with a "
+         "model.safetensors.index.json, as transformers writes them", MEMORY, cli=dict(metavar="SIZE")),
     Flag("dataset", RECIPE, ("--dataset",),
          "builtin (default), a .txt/.jsonl/.parquet file, or a Hub dataset name[:config]", DATA,
          path="calibration.dataset"),

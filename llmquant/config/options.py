@@ -71,15 +71,28 @@ class RunOptions:
     push_to_hub: str | None = None  # then publish the folder to this Hub repository
     private: bool = False  # with push_to_hub: create the repository private
     progress: bool = True  # progress bars and messages on stderr
+    # True: read the model one decoder layer at a time from its files (memory of one layer, not the
+    # model); False: load it whole; None: stream when the plan says the whole model would not fit.
+    stream: bool | None = None
+    max_shard_size: str = "5GB"  # the checkpoint's shard size, as transformers spells it
 
     def __post_init__(self) -> None:
         check_fields(self, "run")
         if self.push_to_hub is not None and self.output is None:
             raise InvalidConfigError("push_to_hub needs an output folder: the checkpoint is saved, then pushed.")
+        from llmquant.checkpoint.shard_writer import parse_size
+
+        parse_size(self.max_shard_size)  # a bad size fails now, not after the work
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunOptions":
         return cls(**check_mapping(cls, data, "run"))
+
+    @property
+    def max_shard_bytes(self) -> int:
+        from llmquant.checkpoint.shard_writer import parse_size
+
+        return parse_size(self.max_shard_size)
 
     @property
     def output_path(self) -> Path | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmquant.errors import CorruptCheckpointError
+from llmquant.errors import CorruptCheckpointError, InvalidConfigError
 from llmquant.loading.architecture import (
     check_architecture,
     check_quantization,
@@ -24,6 +24,8 @@ from llmquant.loading.validation import CheckedWeights, check_weights, has_token
 
 if TYPE_CHECKING:
     import torch
+
+    from llmquant.loading.layer_stream import LayerStream
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # How many names to show when a checkpoint lacks weights its config asks for.
@@ -37,16 +39,20 @@ class LoadedModel:
     source: ModelSource
     source_dtype: "torch.dtype"  # dtype the weights were stored in (config dtype; GGUF -> bfloat16)
     quantization_config: dict | None  # config.json's compressed-tensors quantization_config, else None
+    # Streamed (load_model(stream=True)): the model's parameters are on the meta device and this
+    # reads them from the files one module at a time (loading/layer_stream.py); None: all in memory.
+    weights: "LayerStream | None" = None
 
 
 def load_model(source: str | os.PathLike | ModelSource | None = None, *, revision: str | None = None,
                token: str | None = None, dtype: "str | torch.dtype" = "auto",
                device: "str | torch.device | None" = None, allow_pickle: bool = False,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, stream: bool = False) -> LoadedModel:
     """Load a Hub id, a local folder, a .gguf file, or (None) the built-in demo model.
 
     `source` may also be a `ModelSource` returned by `resolve_source`, to load what was resolved
-    earlier without resolving it again.
+    earlier without resolving it again. `stream=True` reads no weight yet: the model is built on
+    the meta device and `LoadedModel.weights` loads one module at a time (safetensors folders).
     """
     # Imported here, not at the top: resolving a source (sources.py) must not need torch.
     from llmquant.runtime import resolve_device, resolve_dtype
@@ -56,7 +62,12 @@ def load_model(source: str | os.PathLike | ModelSource | None = None, *, revisio
     if not isinstance(source, ModelSource):
         source = resolve_source(source, revision=revision, token=token, allow_pickle=allow_pickle)
     if source.kind == "gguf":
+        if stream:
+            raise InvalidConfigError(f"{source.describe()} is a GGUF file; a layer-by-layer (streamed) run reads "
+                                     "safetensors folders only. Run without --stream.")
         return _load_gguf(source, compute_dtype, target_device)
+    if stream:
+        return _stream_folder(source, compute_dtype, target_device, trust_remote_code)
     return _load_folder(source, compute_dtype, target_device, allow_pickle, trust_remote_code)
 
 
@@ -121,6 +132,31 @@ def _load_folder(source: ModelSource, dtype: "torch.dtype", device: "torch.devic
     return LoadedModel(model=model.to(device).eval(), tokenizer=tokenizer, source=source,
                        source_dtype=stored_dtype(config, weights.stored_dtypes),
                        quantization_config=quantization_config)
+
+
+def _stream_folder(source: ModelSource, dtype: "torch.dtype", device: "torch.device",
+                   trust_remote_code: bool) -> LoadedModel:
+    from llmquant.arch.experts import linearize
+    from llmquant.arch.registry import model_spec
+    from llmquant.checkpoint.load import build_skeleton, load_generation_config, quantized_skeleton
+    from llmquant.loading.layer_stream import LayerStream
+
+    folder, where = source.path, _where(source)
+    # allow_pickle only to learn the format: pickle weights are refused below either way.
+    checked = check_model_folder(folder, where, allow_pickle=True, trust_remote_code=trust_remote_code)
+    if checked.weights.format != "safetensors":
+        raise InvalidConfigError(f"{where} stores its weights as pickle files; a layer-by-layer (streamed) run "
+                                 "reads safetensors only. Run without --stream.")
+    if checked.quantization_config is not None:
+        model = quantized_skeleton(folder, checked.config, dtype)
+    else:
+        model = build_skeleton(checked.config, dtype)
+        linearize(model, model_spec(model).experts)
+    load_generation_config(model, folder)
+    weights = LayerStream(folder, model.eval(), device)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(folder, trust_remote_code), source=source,
+                       source_dtype=stored_dtype(checked.config, checked.weights.stored_dtypes),
+                       quantization_config=checked.quantization_config, weights=weights)
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool) -> "PreTrainedTokenizerBase":

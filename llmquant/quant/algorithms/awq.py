@@ -61,7 +61,7 @@ def search_awq_alpha(x: Tensor, weights: list[Tensor], act_mean: Tensor, args: Q
     return best, errors[best], errors[0.0]
 
 
-def _collect(model: nn.Module, mappings: list[Mapping], batches: Tensor, batch_size: int, progress: bool
+def _collect(model: nn.Module, mappings: list[Mapping], batches: Tensor, batch_size: int, progress: bool, feed=None
              ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """mean |x| per input channel of each mapping's shared input, and up to SAMPLE_ROWS rows of it."""
     sums: dict[str, Tensor] = {}
@@ -77,17 +77,22 @@ def _collect(model: nn.Module, mappings: list[Mapping], batches: Tensor, batch_s
             rows = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0])).long()
             samples[key].append(x[rows].cpu())
         hooks.append(model.get_submodule(mp.observed).register_forward_pre_hook(observe))
-    feed_calibration(model, batches, hooks, batch_size=batch_size, desc="AWQ statistics", progress=progress)
+    if feed is not None:
+        feed(hooks)
+    else:
+        feed_calibration(model, batches, hooks, batch_size=batch_size, desc="AWQ statistics", progress=progress)
     means = {k: sums[k] / counts[k] for k in sums}
     return means, {k: torch.cat(v)[:SAMPLE_ROWS] for k, v in samples.items() if v}
 
 
 def awq_model(model: nn.Module, batches: Tensor, args: QuantArgs, *, grid: int = 20, only: set[str] | None = None,
-              batch_size: int = 4, progress: bool = True) -> SmoothingResult:
-    """Search and fold AWQ scales for every mapping whose balance layers are all in `only`."""
+              batch_size: int = 4, progress: bool = True, within: list[Mapping] | None = None, probe=None,
+              feed=None) -> SmoothingResult:
+    """Search and fold AWQ scales for every mapping whose balance layers are all in `only`
+    (`within`, `probe`, `feed`: one decoder layer at a time, as smoothquant.smooth_model takes them)."""
     result = SmoothingResult(alpha="awq")
-    mappings = usable_mappings(model, batches, only, result)
-    means, samples = _collect(model, mappings, batches, batch_size, progress)
+    mappings = usable_mappings(model, batches, only, result, within, probe)
+    means, samples = _collect(model, mappings, batches, batch_size, progress, feed)
     for mp in tqdm(mappings, desc="AWQ scale search", unit="mapping", disable=not progress, leave=False):
         if mp.smooth not in means:
             result.skipped[mp.smooth] = NEVER_RAN

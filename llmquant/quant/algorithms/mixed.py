@@ -69,22 +69,33 @@ def layer_sensitivities(model: nn.Module, plans: list[LayerPlan], low: QuantSche
                      disable=not progress):
         weight = plan.module.weight
         saved = weight.data.clone()
-        args = low.weights
-        scale, zp = weight_qparams(weight.detach(), args)
-        weight.data = fake_quantize(grouped_view(weight.detach().float(), args), scale, zp,
-                                    args).reshape(weight.shape).to(weight.dtype)
+        round_in_place(weight, low)
         try:
             start = tail.layer_of(plan.name) if tail is not None else None
             if start is None:
                 out[plan.name] = compare_to_reference(model, windows, reference, progress=False).kl_mean
             else:
-                out[plan.name] = _mean_kl(tail.logits_from(start), reference)
+                out[plan.name] = mean_kl(tail.logits_from(start), reference)
         finally:
             weight.data = saved
     return out
 
 
-def _mean_kl(logits: Tensor, reference: list[tuple[Tensor, Tensor]]) -> float:
+def round_in_place(weight: Tensor, low: QuantScheme) -> None:
+    """The weight rounded to `low` (fake-quantized, same dtype): what its sensitivity measures."""
+    args = low.weights
+    scale, zp = weight_qparams(weight.detach(), args)
+    weight.data = fake_quantize(grouped_view(weight.detach().float(), args), scale, zp,
+                                args).reshape(weight.shape).to(weight.dtype)
+
+
+def final_norm_and_head(model: nn.Module, prefix: str) -> tuple[nn.Module | None, nn.Module | None]:
+    """The final norm (beside the decoder stack) and the output head, as the tail runs them."""
+    parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    return getattr(parent, "norm", None), model.get_output_embeddings()
+
+
+def mean_kl(logits: Tensor, reference: list[tuple[Tensor, Tensor]]) -> float:
     kls = []
     for row, (ref, _) in zip(logits, reference):
         logq = torch.log_softmax(row.float().cpu(), dim=-1)
@@ -108,8 +119,7 @@ class _TailRunner:
             prefix, layers = find_decoder_layers(model)
         except Exception:
             return None
-        parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
-        norm, head = getattr(parent, "norm", None), model.get_output_embeddings()
+        norm, head = final_norm_and_head(model, prefix)
         if norm is None or head is None:
             return None
         device = next(model.parameters()).device

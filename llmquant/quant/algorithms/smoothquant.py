@@ -90,7 +90,7 @@ def search_alpha(x: Tensor, weights: list[Tensor], act_absmax: Tensor, scheme,
 
 
 def collect_channel_absmax(model: nn.Module, mappings: list[Mapping], batches: Tensor, *,
-                           batch_size: int = 4, sample_rows: int = 0, progress: bool = True
+                           batch_size: int = 4, sample_rows: int = 0, progress: bool = True, feed=None
                            ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """max |x| per input channel of each mapping's activation (the input of `observed`: the balance
     layers, or the MoE block whose experts read it), and, when sample_rows > 0, up to that many input
@@ -109,7 +109,11 @@ def collect_channel_absmax(model: nn.Module, mappings: list[Mapping], batches: T
                 rows = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0])).long()
                 samples[key].append(x[rows].float().cpu())
         hooks.append(model.get_submodule(mp.observed).register_forward_pre_hook(observe))
-    feed_calibration(model, batches, hooks, batch_size=batch_size, desc="smoothquant statistics", progress=progress)
+    if feed is not None:
+        feed(hooks)
+    else:
+        feed_calibration(model, batches, hooks, batch_size=batch_size, desc="smoothquant statistics",
+                         progress=progress)
     return absmax, {k: torch.cat(v)[:sample_rows] for k, v in samples.items() if v}
 
 
@@ -171,13 +175,14 @@ def _divide_output(smooth: nn.Module, s: Tensor, first: int, last: int) -> None:
         bias[first:last].div_(s.to(bias.dtype))
 
 
-def usable_mappings(model: nn.Module, batches: Tensor, only: set[str] | None, result: SmoothingResult
-                    ) -> list[Mapping]:
-    """The mappings to smooth: all balance layers are to be quantized (`only`), and the readers
-    really read the smoothing module's output (checked on the first calibration sample); the
-    others are recorded in `result.skipped`."""
-    mappings = [m for m in find_mappings(model) if only is None or all(b in only for b in m.balance)]
-    rejected = check_readers(model, mappings, batches[:1])
+def usable_mappings(model: nn.Module, batches: Tensor, only: set[str] | None, result: SmoothingResult,
+                    within: list[Mapping] | None = None, probe=None) -> list[Mapping]:
+    """The mappings to smooth (of `within`, default all): all balance layers are to be quantized
+    (`only`), and the readers really read the smoothing module's output (checked on the first
+    calibration sample, or by `probe(hooks)`); the others are recorded in `result.skipped`."""
+    candidates = find_mappings(model) if within is None else within
+    mappings = [m for m in candidates if only is None or all(b in only for b in m.balance)]
+    rejected = check_readers(model, mappings, batches[:1], run=probe)
     result.skipped.update(rejected)
     return [m for m in mappings if m.smooth not in rejected]
 
@@ -196,17 +201,20 @@ NEVER_RAN = "no calibration token reached it (an expert no token was routed to)"
 
 
 def smooth_model(model: nn.Module, batches: Tensor, alpha: float | str, *, scheme=None,
-                 only: set[str] | None = None, progress: bool = True) -> SmoothingResult:
+                 only: set[str] | None = None, progress: bool = True, within: list[Mapping] | None = None,
+                 probe=None, feed=None) -> SmoothingResult:
     """Smooth every mapping whose balance layers are all in `only` (the layers to be quantized).
 
     alpha: a number in [0, 1], or "auto" to search AUTO_ALPHAS per mapping (needs `scheme`,
-    the quantization scheme the balance layers will get).
+    the quantization scheme the balance layers will get). A streamed run smooths one decoder
+    layer at a time: `within` its mappings, `probe(hooks)` / `feed(hooks)` running that layer on
+    its captured inputs (one batch / every batch of `batches`) instead of the whole model.
     """
     auto = alpha == "auto"
     result = SmoothingResult(alpha=alpha)
-    mappings = usable_mappings(model, batches, only, result)
+    mappings = usable_mappings(model, batches, only, result, within, probe)
     absmax, samples = collect_channel_absmax(model, mappings, batches, sample_rows=SAMPLE_ROWS if auto else 0,
-                                             progress=progress)
+                                             progress=progress, feed=feed)
     for mp in tqdm(mappings, desc="smoothing", unit="mapping", disable=not progress, leave=False):
         if mp.smooth not in absmax:
             result.skipped[mp.smooth] = NEVER_RAN

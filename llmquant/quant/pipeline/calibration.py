@@ -34,6 +34,33 @@ def observe_activations(model: nn.Module, layers: dict[str, QuantScheme], batche
     return stats
 
 
+def observe_layer(layer: nn.Module, prefix: str, layers: dict[str, QuantScheme], inputs, *,
+                  experts: ExpertCalibration | None = None) -> dict[str, ActivationStats]:
+    """`observe_activations` for one decoder layer (named `prefix`) run on its captured inputs
+    (a sequential.LayerInputs): what a streamed run observes, layer by layer, in the same batches."""
+    from llmquant.quant.pipeline.sequential import run_layer
+
+    def observe(names: dict[str, QuantScheme]) -> dict[str, ActivationStats]:
+        stats: dict[str, ActivationStats] = {}
+        hooks = []
+        for name, scheme in names.items():
+            args = scheme.input_activations
+            stats[name] = DynamicActivationError(args) if args.dynamic else ActivationHistogram(args)
+            hooks.append(layer.get_submodule(name[len(prefix) + 1:]).register_forward_pre_hook(_hook(stats[name])))
+        try:
+            run_layer(layer, inputs, keep_outputs=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return stats
+
+    stats = observe(layers)
+    again = {n: layers[n] for n in (experts.fallback() if experts is not None else ()) if n in layers}
+    if again:
+        stats.update(observe(again))
+    return stats
+
+
 def _observe(model: nn.Module, layers: dict[str, QuantScheme], batches: Tensor, batch_size: int, progress: bool,
              description: str) -> dict[str, ActivationStats]:
     stats: dict[str, ActivationStats] = {}

@@ -9,7 +9,8 @@ import torch
 
 from llmquant.checkpoint.atomic import atomic_directory
 from llmquant.checkpoint.ct_config import build_quantization_config
-from llmquant.checkpoint.save import save_quantized
+from llmquant.checkpoint.save import save_quantized, write_metadata
+from llmquant.checkpoint.shard_writer import ShardWriter
 from llmquant.config.options import LoadOptions
 from llmquant.config.recipe import Recipe
 from llmquant.quant.pipeline.context import DataPass, StepContext
@@ -55,7 +56,8 @@ def save_and_verify(ctx: StepContext, report: QuantReport, spec, windows, refere
     verification = None
     with atomic_directory(run.output, overwrite=run.overwrite) as tmp:
         t = time.perf_counter()
-        save_quantized(ctx.net, ctx.tokenizer, tmp, qcfg, storage_dtype=ctx.loaded.source_dtype)
+        save_quantized(ctx.net, ctx.tokenizer, tmp, qcfg, storage_dtype=ctx.loaded.source_dtype,
+                       max_shard_bytes=run.max_shard_bytes)
         (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
         timings["save"] = time.perf_counter() - t
         report.checkpoint_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
@@ -71,6 +73,38 @@ def save_and_verify(ctx: StepContext, report: QuantReport, spec, windows, refere
         finalize_report(report, ctx, t_start)
         report.write(tmp)
     return verification
+
+
+def stream_and_save(ctx: StepContext, spec, windows, t_start: float, build_report) -> tuple[QuantReport, Agreement | None]:
+    """A streamed run (pipeline/streamed.py) writing into a temporary folder moved into place at the
+    end; verified on the way, against the original layers as they stream by."""
+    from llmquant.quant.pipeline import resume as resume_points
+    from llmquant.quant.pipeline.streamed import run_streamed
+
+    rec, run = ctx.recipe, ctx.run
+    resume = None
+    if rec.gptq is not None:
+        folder = resume_points.resume_dir(run.output)
+        key = resume_points.resume_key(rec.to_dict(), ctx.loaded.source.describe(), ctx.calibration_batches())
+        resume = resume_points.StreamResume(folder, key, ctx.layer_reports, run.resume)
+        ctx.after_save.append(lambda: resume_points.discard(folder))
+    with atomic_directory(run.output, overwrite=run.overwrite) as tmp:
+        t = time.perf_counter()
+        writer = ShardWriter(tmp, run.max_shard_bytes)
+        streamed = run_streamed(ctx, writer, windows, resume)
+        writer.close()
+        qcfg = build_quantization_config(config_groups(rec, ctx.plans, spec), unquantized_linear_names(ctx.net, ctx.plans))
+        write_metadata(ctx.net, ctx.tokenizer, tmp, qcfg, storage_dtype=ctx.loaded.source_dtype)
+        (tmp / "recipe.yaml").write_text(rec.to_yaml(), encoding="utf-8")
+        ctx.timings["streamed_layers"] = time.perf_counter() - t
+        report = build_report()
+        report.checkpoint_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+        if streamed.verification is not None:
+            ctx.passes.append(verification_pass(rec, windows))
+            report.verification = streamed.verification.to_dict()
+        finalize_report(report, ctx, t_start)
+        report.write(tmp)
+    return report, streamed.verification
 
 
 def finalize_report(report: QuantReport, ctx: StepContext, t_start: float) -> None:

@@ -159,3 +159,96 @@ def check_plan(plan: SequentialPlan) -> None:
     else:
         advice = "even one sample does not fit: use a shorter --seq-len, or calibrate on a machine with more memory"
     raise InvalidConfigError(f"Calibration would not fit in memory. {plan.describe()}. To fit: {advice}.")
+
+
+# ---- whole model in memory, or streamed one decoder layer at a time ------------------------------
+
+@dataclass
+class Peaks:
+    """Peak memory of a quantize run both ways, from the model's shapes alone (nothing loaded)."""
+
+    in_memory_bytes: int  # the whole model in the compute dtype, plus calibration
+    streamed_bytes: int  # the largest of: what is read before the stack, one layer, what is read after
+    checkpoint_bytes: int  # the source's weights in the compute dtype
+    largest_layer_bytes: int
+    calibration_bytes: int  # the calibration part, the same both ways
+    available_bytes: int | None = None
+
+    def fits_in_memory(self) -> bool:
+        return self.available_bytes is None or self.in_memory_bytes <= HEADROOM * self.available_bytes
+
+    def describe(self) -> str:
+        avail = f"{self.available_bytes / _GIB:.2f} GiB available" if self.available_bytes is not None else \
+            "available unknown"
+        return (f"memory plan: whole model in memory {self.in_memory_bytes / _GIB:.2f} GiB, streamed one layer at a "
+                f"time {self.streamed_bytes / _GIB:.2f} GiB (weights {self.checkpoint_bytes / _GIB:.2f} GiB, "
+                f"largest decoder layer {self.largest_layer_bytes / _GIB:.2f} GiB, calibration "
+                f"{self.calibration_bytes / _GIB:.2f} GiB; {avail}; plus the Python runtime)")
+
+
+def plan_peaks(model: nn.Module, samples: int, seq_len: int, *, gptq: bool, quantized_names: set[str] | None = None,
+               elem: int | None = None, verify_tokens: int = 0, batch_size: int = 4,
+               device: torch.device | None = None) -> Peaks:
+    """Peaks of quantizing `model` (its parameters may be on the meta device) both ways.
+
+    Calibration (the same both ways): GPTQ holds one layer's inputs for every sample, its Hessians
+    and working copies (as `plan_sequential` counts them); plain rounding holds a float32 copy of the
+    largest weight a few times. Verification holds the original's log-probabilities (in memory)
+    or two streams of hidden states and one window's logits (streamed)."""
+    prefix, layers = find_decoder_layers(model)
+    param = next(model.parameters())
+    elem = elem or param.element_size()
+    config = getattr(model, "config", None)
+    width = getattr(config, "hidden_size", None) or 0
+    vocab = getattr(config, "vocab_size", None) or 0
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    seen: set[int] = set()
+
+    def size(module: nn.Module) -> int:
+        total = 0
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * elem
+        return total
+
+    layer_bytes = [size(layer) for layer in layers]
+    outside = sum(p.numel() * elem for n, p in model.named_parameters() if not n.startswith(prefix + "."))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_bytes = head.weight.numel() * elem if head is not None else 0
+    checkpoint = sum(layer_bytes) + outside - (head_bytes if getattr(config, "tie_word_embeddings", False) else 0)
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    biggest = max((m.weight.numel() for m in linears), default=0)
+    widest = max((m.out_features for m in linears), default=width)
+    names = quantized_names
+    if gptq:
+        hessian = max((sum(4 * m.in_features ** 2 for n, m in layer.named_modules() if isinstance(m, nn.Linear)
+                           and (names is None or f"{prefix}.{k}.{n}" in names)) for k, layer in enumerate(layers)),
+                      default=0)
+        rows = batch_size * seq_len
+        calibration = (samples * seq_len * width * elem + hessian + rows * (4 * widest + 6 * width) * elem
+                       + batch_size * heads * seq_len * seq_len * elem + 3 * 4 * biggest * 3)
+    else:
+        calibration = 3 * 4 * biggest
+    window = 512  # finish.VERIFY_WINDOW
+    in_memory_check = verify_tokens * vocab * 2  # float16 log-probabilities of the original
+    # two streams of hidden states, and one window's logits both ways
+    streamed_check = 2 * verify_tokens * width * 4 + 2 * window * vocab * 4 if verify_tokens else 0
+    in_memory = checkpoint + calibration + in_memory_check
+    after = head_bytes + width * elem
+    streamed = max(outside - after, max(layer_bytes, default=0) + calibration, after) + streamed_check
+    device = device if device is not None else (param.device if not param.is_meta else torch.device("cpu"))
+    return Peaks(in_memory_bytes=int(in_memory), streamed_bytes=int(streamed), checkpoint_bytes=int(checkpoint),
+                 largest_layer_bytes=int(max(layer_bytes, default=0)), calibration_bytes=int(calibration),
+                 available_bytes=available_memory(device))
+
+
+def estimate_peaks(config: dict, samples: int, seq_len: int, *, gptq: bool = True, dtype_bytes: int = 2,
+                   verify_tokens: int = 0) -> Peaks:
+    """`plan_peaks` of the model a config.json describes (e.g. Llama-3.1-70B's), built on the meta device."""
+    from llmquant.checkpoint.load import build_skeleton
+
+    dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    model = build_skeleton(config, torch.float32 if dtype_bytes == 1 else dtype)
+    return plan_peaks(model, samples, seq_len, gptq=gptq, elem=dtype_bytes, verify_tokens=verify_tokens,
+                      device=torch.device("cpu"))

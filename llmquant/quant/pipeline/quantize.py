@@ -11,6 +11,7 @@ SmoothQuant, AWQ, GPTQ, then rounding) run through the registry in pipeline/step
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,11 @@ from llmquant.checkpoint.atomic import check_output_dir
 from llmquant.config.flags import LOAD, RECIPE, RUN, VERIFY, build_recipe, options, split_keywords
 from llmquant.config.options import LoadOptions, RunOptions, VerifyOptions
 from llmquant.config.recipe import Recipe
-from llmquant.errors import InvalidConfigError
+from llmquant.errors import CorruptCheckpointError, InvalidConfigError
 from llmquant.quant.pipeline.context import StepContext
 from llmquant.quant.pipeline.coverage import measure_coverage
 from llmquant.quant.pipeline.finish import (environment, finalize_report, save_and_verify, source_info,
-                                            verify_in_memory, verify_windows)
+                                            stream_and_save, verify_in_memory, verify_windows)
 from llmquant.quant.pipeline.plan import auto_group_size, plan_layers
 from llmquant.quant.pipeline.report import QuantReport
 from llmquant.quant.pipeline.steps import run_steps
@@ -68,7 +69,7 @@ def quantize(model=None, recipe: Recipe | str | os.PathLike | None = None, *, lo
     llmquant load. `push_to_hub` (a Hub repository id) then publishes it with a model card, as
     `llmquant.push(output, push_to_hub, private=private)` does.
     """
-    from llmquant.loading import LoadedModel, load_model
+    from llmquant.loading import LoadedModel
 
     t_start = time.perf_counter()
     given = split_keywords(keywords)
@@ -78,8 +79,10 @@ def quantize(model=None, recipe: Recipe | str | os.PathLike | None = None, *, lo
     _preflight(rec, run)
 
     t = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, **load.kwargs())
+    loaded = model if isinstance(model, LoadedModel) else _load(model, rec, load, checks, run)
     load_seconds = time.perf_counter() - t
+    if loaded.weights is not None:
+        _check_streamable(run)
     if loaded.quantization_config is not None:
         raise InvalidConfigError(f"{loaded.source.describe()} is already quantized; quantize its original model.")
     net, tokenizer = loaded.model, loaded.tokenizer
@@ -102,29 +105,26 @@ def quantize(model=None, recipe: Recipe | str | os.PathLike | None = None, *, lo
         if message:
             ctx.say(message)
     ctx.recipe, ctx.plans = rec, plan_layers(rec, layers)
+    # The plans hold the float layers until each is quantized and let go; no other reference may
+    # keep them (a streamed run frees each layer's weights after it, an in-memory one its float copy).
+    del layers
     ctx.say(f"quantizing {loaded.source.describe()} with {rec.name}: {rec.scheme.describe()}")
 
-    # The original's predictions, before any step changes the model.
     windows = verify_windows(tokenizer, rec, checks.verify_tokens) if checks.verify else None
-    reference = reference_logprobs(net, windows, run.progress) if windows is not None else None
-
-    run_steps(rec, ctx)
-
-    report = QuantReport(source=source_info(loaded), recipe=rec.to_dict(), environment=environment(),
-                         smoothquant=ctx.smoothing.to_dict() if ctx.smoothing else None, mixed_precision=ctx.mixed)
-    for plan in ctx.plans:
-        if plan.scheme is None:
-            report.kept_full_precision[plan.name] = plan.note or "excluded"
-        else:
-            report.layers.append(ctx.layer_reports[plan.name])
-    report.coverage = measure_coverage(net, {p.name: p.note for p in ctx.plans if p.scheme is None and p.note},
-                                       rec.targets, rec.ignore)
-
-    verification_result = None
-    if run.output is not None:
-        verification_result = save_and_verify(ctx, report, spec, windows, reference, t_start, load)
-    elif reference is not None:
-        verification_result = verify_in_memory(ctx, report, windows, reference)
+    if loaded.weights is not None:
+        # Streamed: every step runs inside the one pass over the layers that writes the checkpoint,
+        # and the verification streams run beside it (pipeline/streamed.py).
+        report, verification_result = stream_and_save(ctx, spec, windows, t_start, lambda: _report(ctx))
+    else:
+        # The original's predictions, before any step changes the model.
+        reference = reference_logprobs(net, windows, run.progress) if windows is not None else None
+        run_steps(rec, ctx)
+        report = _report(ctx)
+        verification_result = None
+        if run.output is not None:
+            verification_result = save_and_verify(ctx, report, spec, windows, reference, t_start, load)
+        elif reference is not None:
+            verification_result = verify_in_memory(ctx, report, windows, reference)
     finalize_report(report, ctx, t_start)
     if run.output is not None:
         for done in ctx.after_save:
@@ -137,6 +137,61 @@ def quantize(model=None, recipe: Recipe | str | os.PathLike | None = None, *, lo
         pushed = push(run.output_path, run.push_to_hub, private=run.private)
     return QuantizeResult(model=net, tokenizer=tokenizer, recipe=rec, report=report, output_dir=run.output_path,
                           verification=verification_result, seconds=report.timings_s["total"], push=pushed)
+
+
+def _report(ctx: StepContext) -> QuantReport:
+    """The report of what the steps did, once they are done."""
+    rec, loaded = ctx.recipe, ctx.loaded
+    report = QuantReport(source=source_info(loaded), recipe=rec.to_dict(), environment=environment(),
+                         smoothquant=ctx.smoothing.to_dict() if ctx.smoothing else None, mixed_precision=ctx.mixed)
+    for plan in ctx.plans:
+        if plan.scheme is None:
+            report.kept_full_precision[plan.name] = plan.note or "excluded"
+        else:
+            report.layers.append(ctx.layer_reports[plan.name])
+    report.coverage = measure_coverage(ctx.net, {p.name: p.note for p in ctx.plans if p.scheme is None and p.note},
+                                       rec.targets, rec.ignore)
+    return report
+
+
+def _load(source, rec: Recipe, load: LoadOptions, checks: VerifyOptions, run: RunOptions):
+    """The model in memory, or streamed (run.stream; None: streamed when the plan says the whole
+    model would not fit). The plan of both ways is printed first."""
+    from llmquant.loading import load_model, resolve_source
+    from llmquant.quant.pipeline.memory_plan import plan_peaks
+
+    if run.stream is False:
+        return load_model(source, **load.kwargs())
+    kwargs = load.kwargs()
+    resolved = resolve_source(source, revision=kwargs.pop("revision"), allow_pickle=load.allow_pickle)
+    try:
+        streamed = load_model(resolved, **kwargs, stream=True)
+    except (InvalidConfigError, CorruptCheckpointError) as e:
+        if run.stream:
+            raise
+        _say(run, f"loading the whole model: it cannot be read one layer at a time ({e})")
+        return load_model(resolved, **kwargs)
+    cal = rec.calibration
+    peaks = plan_peaks(streamed.model, cal.num_samples, cal.seq_len, gptq=rec.gptq is not None,
+                       verify_tokens=checks.verify_tokens if checks.verify else 0, device=streamed.weights.device)
+    _say(run, peaks.describe())
+    if run.stream is None and peaks.fits_in_memory():
+        del streamed
+        return load_model(resolved, **kwargs)
+    _say(run, "streaming: reading one decoder layer at a time from " + str(resolved.path)
+         + ("" if run.stream else " (the whole model would not fit; --no-stream loads it anyway)"))
+    return streamed
+
+
+def _say(run: RunOptions, message: str) -> None:
+    if run.progress:
+        print(message, file=sys.stderr)
+
+
+def _check_streamable(run: RunOptions) -> None:
+    if run.output is None:
+        raise InvalidConfigError("A streamed run writes the quantized model to --output as it goes (it never holds "
+                                 "the whole model); give --output, or --no-stream to keep the model in memory.")
 
 
 def _preflight(rec: Recipe, run: RunOptions) -> None:

@@ -111,3 +111,48 @@ def resume_key(recipe_dict: dict, source: str, batches: torch.Tensor) -> dict:
 
     digest = hashlib.sha256(batches.cpu().numpy().tobytes()).hexdigest()[:16]
     return {"recipe": recipe_dict, "source": source, "calibration": [list(batches.shape), digest]}
+
+
+class StreamResume:
+    """Resume points of a streamed run (pipeline/streamed.py). After each decoder layer the folder
+    receives the layer's tensors as written to the checkpoint (`layer-<k>.safetensors`, so a resumed
+    run writes them again without reading or computing that layer), every stream of hidden states
+    (`inputs.safetensors`) and `state.json` last."""
+
+    def __init__(self, folder: Path, key: dict, layer_reports: dict[str, LayerReport], resume: bool):
+        self.folder, self.key, self.layer_reports = folder, {**key, "streamed": True}, layer_reports
+        self.state = load_resume_point(folder, self.key) if resume else None
+        if self.state is None:
+            discard(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def restore(self, streams, writer, handler) -> int:
+        """Write the finished layers again, restore the streams and reports; the next layer's index."""
+        if self.state is None:
+            return 0
+        next_layer = self.state["next_layer"]
+        for k in range(next_layer):
+            tensors = load_file(str(self.folder / f"layer-{k}.safetensors"))
+            writer.add({name: tensors[name] for name in self.state["order"][k]})
+        saved = load_file(str(self.folder / INPUTS))
+        for name, inputs in streams.named().items():
+            for i, (args, kwargs) in enumerate(inputs.calls):
+                hidden = saved[f"{name}-{i}"].to(args[0].device)
+                inputs.calls[i] = ((hidden,) + tuple(args[1:]), kwargs)
+        streams.tuple_outputs = self.state["tuple_outputs"]
+        reports = {n: LayerReport(**r) for n, r in self.state["reports"].items()}
+        self.layer_reports.update(reports)
+        if handler is not None:
+            handler.reports.update(reports)
+        return next_layer
+
+    def save(self, k: int, tensors: dict[str, torch.Tensor], streams, handler) -> None:
+        _atomic(self.folder / f"layer-{k}.safetensors", lambda p: save_file(tensors, str(p)))
+        hidden = {f"{name}-{i}": h.detach().cpu().contiguous()
+                  for name, inputs in streams.named().items() for i, h in enumerate(inputs.hidden_states())}
+        _atomic(self.folder / INPUTS, lambda p: save_file(hidden, str(p)))
+        order = (self.state or {}).get("order", [])[:k] + [list(tensors)]
+        self.state = {"next_layer": k + 1, "key": self.key, "order": order, "tuple_outputs": streams.tuple_outputs,
+                      "reports": {n: dataclasses.asdict(r) for n, r in
+                                  {**self.layer_reports, **(handler.reports if handler else {})}.items()}}
+        _atomic(self.folder / STATE, lambda p: p.write_text(json.dumps(self.state), encoding="utf-8"))

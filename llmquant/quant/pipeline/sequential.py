@@ -121,13 +121,38 @@ def dequantized_once(layer: nn.Module):
             setattr(parent, child, module)
 
 
-def _run_layer(layer: nn.Module, inputs: LayerInputs, keep_outputs: bool) -> None:
+def run_layer(layer: nn.Module, inputs: LayerInputs, keep_outputs: bool) -> bool:
+    """Run a decoder layer on every batch of `inputs`; `keep_outputs`: its outputs become the inputs.
+    Returns whether the layer returns a tuple (hidden states first) rather than the hidden states."""
+    as_tuple = False
     with torch.inference_mode():
         for i, (args, kwargs) in enumerate(inputs.calls):
             out = layer(*args, **kwargs)
+            as_tuple = isinstance(out, (tuple, list))
             if keep_outputs:
-                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                hidden = out[0] if as_tuple else out
                 inputs.calls[i] = ((hidden,) + tuple(args[1:]), kwargs)
+    return as_tuple
+
+
+def calibrate_layer(handler: LayerHandler, k: int, name: str, layer: nn.Module, inputs: LayerInputs, *,
+                    propagate: bool) -> None:
+    """Steps 1-3 of the module docstring for decoder layer k; `propagate=False` (the last layer)
+    leaves `inputs` as they are. In-memory and streamed runs both calibrate each layer here."""
+    handles = handler.attach(k, name, layer)
+    try:
+        run_layer(layer, inputs, keep_outputs=False)
+        # A handler may ask for one more statistics pass (MoE experts routed too few tokens).
+        refill = getattr(handler, "refill", None)
+        if refill is not None and refill(k, name, layer):
+            run_layer(layer, inputs, keep_outputs=False)
+    finally:
+        for h in handles:
+            h.remove()
+    handler.finish(k, name, layer)
+    if propagate:
+        with dequantized_once(layer):
+            run_layer(layer, inputs, keep_outputs=True)
 
 
 def run_sequential(model: nn.Module, batches: Tensor, handler: LayerHandler, *, batch_size: int = 4,
@@ -149,20 +174,7 @@ def run_sequential(model: nn.Module, batches: Tensor, handler: LayerHandler, *, 
     try:
         for k in range(start_layer, len(layers)):
             layer = layers[k]
-            handles = handler.attach(k, f"{prefix}.{k}", layer)
-            try:
-                _run_layer(layer, inputs, keep_outputs=False)
-                # A handler may ask for one more statistics pass (MoE experts routed too few tokens).
-                refill = getattr(handler, "refill", None)
-                if refill is not None and refill(k, f"{prefix}.{k}", layer):
-                    _run_layer(layer, inputs, keep_outputs=False)
-            finally:
-                for h in handles:
-                    h.remove()
-            handler.finish(k, f"{prefix}.{k}", layer)
-            if k + 1 < len(layers):
-                with dequantized_once(layer):
-                    _run_layer(layer, inputs, keep_outputs=True)
+            calibrate_layer(handler, k, f"{prefix}.{k}", layer, inputs, propagate=k + 1 < len(layers))
             done += 1
             bar.update(1)
             if on_layer_done is not None:

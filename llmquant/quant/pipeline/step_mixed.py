@@ -8,7 +8,9 @@ from llmquant.config.recipe import MixedPrecisionConfig
 from llmquant.quant.pipeline.context import StepContext
 
 
-def mixed_precision_step(mp: MixedPrecisionConfig, ctx: StepContext) -> None:
+def mixed_precision_step(mp: MixedPrecisionConfig, ctx: StepContext, measure=None) -> None:
+    """`measure(model, plans, low, windows, progress)`: the sensitivities (default: in memory,
+    `layer_sensitivities`; a streamed run passes its layer-at-a-time measurement)."""
     from llmquant.data import calibration_batches
     from llmquant.quant.algorithms.mixed import choose_schemes, layer_sensitivities
 
@@ -19,7 +21,7 @@ def mixed_precision_step(mp: MixedPrecisionConfig, ctx: StepContext) -> None:
                                   seed=cal.seed, text_field=cal.text_field, config_name=cal.config_name)
     ctx.record("mixed_precision", f"mixed precision: sensitivity of {len(ctx.plans)} layers to "
                                   f"{rec.scheme.describe()}", windows)
-    sensitivity = layer_sensitivities(ctx.net, ctx.plans, rec.scheme, windows, ctx.progress)
+    sensitivity = (measure or layer_sensitivities)(ctx.net, ctx.plans, rec.scheme, windows, ctx.progress)
     choice = choose_schemes(ctx.plans, sensitivity, rec.scheme, high, target_bits=mp.target_bits,
                             max_ppl_increase=mp.max_ppl_increase)
     for plan in ctx.plans:

@@ -52,17 +52,40 @@ def reference_logprobs(model: nn.Module, windows: Tensor, progress: bool = True)
 
 def compare_to_reference(model: nn.Module, windows: Tensor, reference: list[tuple[Tensor, Tensor]],
                          progress: bool = True) -> Agreement:
-    kls, agree, total = [], 0, 0
+    tally = _Tally()
     with torch.inference_mode():
         for w, (ref, ref_top1) in tqdm(list(zip(windows, reference)), desc="verifying", unit="window",
                                        disable=not progress, leave=False):
             logits = model(input_ids=w[None].to(_device(model)), use_cache=False).logits[0].float().cpu()
-            logq = torch.log_softmax(logits, dim=-1)
-            logp = torch.log_softmax(ref.float(), dim=-1)  # renormalize after float16 storage
-            kl = (logp.exp() * (logp - logq)).sum(dim=-1)  # (L,)
-            kls.append(kl.clamp(min=0.0))
-            agree += int((ref_top1 == logits.argmax(-1)).sum())
-            total += w.numel()
-    all_kl = torch.cat(kls)
-    return Agreement(kl_mean=float(all_kl.mean()), kl_p99=float(torch.quantile(all_kl, 0.99)),
-                     top1_agreement=agree / max(total, 1), tokens=total, windows=len(reference))
+            tally.add(ref, ref_top1, logits)  # ref: renormalized there after its float16 storage
+    return tally.result()
+
+
+def compare_logits(pairs) -> Agreement:
+    """The same measures from (original logits, quantized logits) pairs, one (L, V) pair per window,
+    as a streamed run produces them (nothing stored in float16)."""
+    tally = _Tally()
+    for ref, logits in pairs:
+        ref = ref.float().cpu()
+        tally.add(ref, ref.argmax(-1), logits.float().cpu())
+    return tally.result()
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.kls: list[Tensor] = []
+        self.agree = self.total = self.windows = 0
+
+    def add(self, ref: Tensor, ref_top1: Tensor, logits: Tensor) -> None:
+        logq = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(ref.float(), dim=-1)
+        kl = (logp.exp() * (logp - logq)).sum(dim=-1)  # (L,)
+        self.kls.append(kl.clamp(min=0.0))
+        self.agree += int((ref_top1 == logits.argmax(-1)).sum())
+        self.total += logits.shape[0]
+        self.windows += 1
+
+    def result(self) -> Agreement:
+        all_kl = torch.cat(self.kls)
+        return Agreement(kl_mean=float(all_kl.mean()), kl_p99=float(torch.quantile(all_kl, 0.99)),
+                         top1_agreement=self.agree / max(self.total, 1), tokens=self.total, windows=self.windows)

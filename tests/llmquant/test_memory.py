@@ -9,7 +9,7 @@ import pytest
 # decide where new blocks land, and the measurement would say more about them than about us.
 MEASURE = r"""
 import psutil
-from llmquant.serve.memory import release_freed_memory
+from llmquant.memory import release_freed_memory
 process = psutil.Process()
 start = process.memory_info().rss
 blocks = []
