@@ -44,7 +44,9 @@ __all__ = ["QuantizeResult", "build_recipe", "quantize"]
 
 @dataclass
 class QuantizeResult:
-    model: torch.nn.Module  # the quantized model, in memory (QuantizedLinear layers)
+    # The quantized model, in memory (QuantizedLinear layers). After a streamed run its weights are
+    # back on the meta device (each layer was let go once written): load `output_dir` to run it.
+    model: torch.nn.Module
     tokenizer: object
     recipe: Recipe
     report: QuantReport
@@ -157,13 +159,15 @@ def _report(ctx: StepContext) -> QuantReport:
 def _load(source, rec: Recipe, load: LoadOptions, checks: VerifyOptions, run: RunOptions):
     """The model in memory, or streamed (run.stream; None: streamed when the plan says the whole
     model would not fit). The plan of both ways is printed first."""
-    from llmquant.loading import load_model, resolve_source
+    from llmquant.loading import ModelSource, load_model, resolve_source
     from llmquant.quant.pipeline.memory_plan import plan_peaks
 
     if run.stream is False:
         return load_model(source, **load.kwargs())
     kwargs = load.kwargs()
-    resolved = resolve_source(source, revision=kwargs.pop("revision"), allow_pickle=load.allow_pickle)
+    revision = kwargs.pop("revision")
+    resolved = source if isinstance(source, ModelSource) else resolve_source(source, revision=revision,
+                                                                             allow_pickle=load.allow_pickle)
     try:
         streamed = load_model(resolved, **kwargs, stream=True)
     except (InvalidConfigError, CorruptCheckpointError) as e:

@@ -24,7 +24,7 @@ tensor (tests/llmquant/quant/test_streamed.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,6 @@ class StreamedRun:
     """What quantize() needs back from a streamed run."""
 
     verification: Agreement | None = None
-    stats: dict = field(default_factory=dict)
 
 
 def run_streamed(ctx: StepContext, writer: ShardWriter, windows: Tensor | None, resume=None) -> StreamedRun:
@@ -132,14 +131,18 @@ def run_streamed(ctx: StepContext, writer: ShardWriter, windows: Tensor | None, 
         bar.close()
 
     weights.load("", after)
+    originals = {p.name: p.module for p in outside}
     for plan in outside:  # targeted layers outside the stack (lm_head): plain rounding, as in memory
         ctx.layer_reports[plan.name] = quantize_layer(net, plan, None, storage)
+        plan.module = None
     if streams.reference is not None:
-        result.verification = _verify(net, prefix, layers, streams)
+        quantized = {name: net.get_submodule(name) for name in originals}
+        result.verification = _verify(net, layers, streams, originals, quantized)
     writer.add(module_tensors(net, "", storage, spec, skip, only=_after_keys(net, prefix)))
     weights.release("", after)
-    for plan in outside:
-        release_module(net.get_submodule(plan.name))
+    for name, module in originals.items():
+        release_module(net.get_submodule(name))
+        release_module(module)
     if handler is not None:
         ctx.layer_reports.update(handler.reports)
         ctx.stats.update(handler.stats)
@@ -303,6 +306,9 @@ def _smooth_layer(ctx: StepContext, layer: nn.Module, mappings: list, inputs: La
     round_to_storage(ctx.net, done.touched - ctx.quantized, ctx.loaded.source_dtype)
 
 
-def _verify(net: nn.Module, prefix: str, layers: nn.ModuleList, streams: Streams) -> Agreement:
-    pairs = tail_logits(net, layers, [streams.reference, streams.checked], streams.tuple_outputs)
+def _verify(net: nn.Module, layers: nn.ModuleList, streams: Streams, originals: dict, quantized: dict) -> Agreement:
+    """The original's logits (with its float lm_head, if that was quantized) against the quantized
+    model's, one window at a time."""
+    pairs = tail_logits(net, layers, [streams.reference, streams.checked], streams.tuple_outputs,
+                        modules=[originals, quantized])
     return compare_logits((ref[0], checked[0]) for ref, checked in pairs)

@@ -13,6 +13,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from llmquant.quant.pipeline.targets import set_submodule
+
 
 class _ZeroEmbedding(nn.Module):
     """Stands in for the input embedding (which may be on the meta device): zeros of its output
@@ -37,11 +39,13 @@ class _Passthrough(nn.Module):
         return (hidden_states,) if self.as_tuple else hidden_states
 
 
-def tail_logits(model: nn.Module, layers: nn.ModuleList, streams: list, tuple_outputs: bool
-                ) -> Iterator[tuple[Tensor, ...]]:
+def tail_logits(model: nn.Module, layers: nn.ModuleList, streams: list, tuple_outputs: bool,
+                modules: list[dict] | None = None) -> Iterator[tuple[Tensor, ...]]:
     """For each call i of the `streams` (sequential.LayerInputs holding the last layer's outputs, with
     the same calls): the model's logits (batch, length, vocab) from each stream's hidden states of
-    call i, computed by the model's forward. One call's logits are held at a time."""
+    call i, computed by the model's forward. One call's logits are held at a time. `modules[j]`
+    ({name: module}) are put in place for stream j's forward (e.g. the original lm_head for the
+    original's stream); the last stream's stay in place."""
     embed_owner, embed_attr = _owner_of(model, model.get_input_embeddings())
     originals = list(layers)
     hidden0 = streams[0].hidden_states()[0]
@@ -57,7 +61,9 @@ def tail_logits(model: nn.Module, layers: nn.ModuleList, streams: list, tuple_ou
         with torch.inference_mode():
             for hidden_states in zip(*(s.hidden_states() for s in streams)):
                 out = []
-                for hidden in hidden_states:
+                for j, hidden in enumerate(hidden_states):
+                    for name, module in (modules[j] if modules else {}).items():
+                        set_submodule(model, name, module)
                     current["hidden"] = hidden
                     ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
                     out.append(model(input_ids=ids, use_cache=False).logits)

@@ -62,6 +62,19 @@ def test_offline_cache_hit_loads_the_cached_commit(offline, hf_home, tiny_model_
         torch.testing.assert_close(loaded.model(ids).logits, reference(ids).logits)
 
 
+def test_a_cached_hub_model_streams_layer_by_layer(offline, tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from llmquant import quantize
+
+    source = _as_source(offline.outcomes["hit"].resolved())  # files are symlinks into the cache's blobs
+    args = dict(scheme="W4A16", group_size=32, gptq=True, num_samples=4, seq_len=32, verify=False, progress=False)
+    quantize(source, output=tmp_path / "streamed", stream=True, **args)
+    quantize(tiny_model_dir, output=tmp_path / "whole", stream=False, **args)
+    streamed, whole = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("streamed", "whole"))
+    assert streamed.keys() == whole.keys() and all(torch.equal(streamed[k], whole[k]) for k in whole)
+
+
 def test_offline_cache_miss_explains_how_to_fill_the_cache(offline, hf_home):
     message = offline.outcomes["miss"].failed_with("OfflineCacheMissError")
     assert "org/never-downloaded (revision main): it is not in the local Hugging Face cache" in message

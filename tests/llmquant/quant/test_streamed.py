@@ -38,7 +38,8 @@ def _assert_same_checkpoint(a, b) -> None:
     dict(scheme="FP8"),  # static activation scales
     dict(scheme="W4A16_ASYM", group_size=32, awq=True),
     dict(scheme="W4A16", group_size=32, target_bits=5.0),  # mixed precision: its own pass over the layers
-], ids=["rtn", "gptq", "w8a8-smoothquant", "fp8-static", "awq", "mixed-precision"])
+    dict(scheme="W8A16", gptq=True, ignore=[]),  # lm_head quantized too (outside the decoder stack)
+], ids=["rtn", "gptq", "w8a8-smoothquant", "fp8-static", "awq", "mixed-precision", "lm-head"])
 def test_streamed_checkpoint_equals_the_in_memory_one(tiny_model_dir, tmp_path, recipe):
     results = {}
     for stream in (False, True):
@@ -144,6 +145,19 @@ def test_the_plan_shows_both_peaks_and_small_models_load_whole(tiny_model_dir, t
     assert "streaming:" not in err  # it fits: loaded whole, as before
 
 
+def test_a_model_that_would_not_fit_streams_by_default(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from llmquant.quant.pipeline import memory_plan
+
+    # A machine with 1 MB free: the whole tiny model (and its calibration) would not fit.
+    monkeypatch.setattr(memory_plan, "available_memory", lambda device: 1_000_000)
+    quantize(tiny_model_dir, output=tmp_path / "out", scheme="W4A16", group_size=32, num_samples=4, seq_len=32,
+             verify=False)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "0.00 GiB available" in err and "streaming: reading one decoder layer at a time" in err
+    assert "--no-stream loads it anyway" in err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_planner_peaks_for_a_70b_model():
     from llmquant.quant.pipeline.memory_plan import estimate_peaks
 
@@ -180,3 +194,12 @@ def test_a_missing_tensor_is_named_before_any_work(tiny_model_dir, tmp_path):
     with pytest.raises(CorruptCheckpointError, match="model.layers.1.mlp.down_proj.weight"):
         quantize(broken, output=tmp_path / "o", stream=True, **SMALL)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_layers_stream_to_the_gpu(tiny_model_dir, tmp_path):
+    result = quantize(tiny_model_dir, output=tmp_path / "out", stream=True, device="cuda", gptq=True, group_size=32,
+                      **SMALL)
+    assert result.verification.top1_agreement > 0.5
+    assert all(p.is_meta for p in result.model.parameters())
