@@ -99,8 +99,18 @@ def shrink_search(view: Tensor, args: QuantArgs, scale_dtype: torch.dtype, error
     return best_scale, best_zp
 
 
+MSE_CHUNK = 1 << 21  # values per slice of rows searched at once: bounds the search's temporaries
+
+
 def _mse_qparams(view: Tensor, args: QuantArgs, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    return shrink_search(view, args, scale_dtype, lambda d: d.abs().pow(MSE_NORM).sum(-1))
+    # Rows are searched independently, so a slice of rows at a time gives the same scales with a
+    # few tens of MB of temporaries instead of several copies of the whole weight.
+    rows = max(1, MSE_CHUNK // max(1, view[0].numel())) if view.ndim > 1 else view.shape[0]
+    parts = [shrink_search(part, args, scale_dtype, lambda d: d.abs().pow(MSE_NORM).sum(-1))
+             for part in view.split(rows)]
+    scales = torch.cat([scale for scale, _ in parts])
+    zero_points = None if parts[0][1] is None else torch.cat([zp for _, zp in parts])
+    return scales, zero_points
 
 
 def weight_qparams(weight: Tensor, args: QuantArgs, scale_dtype: torch.dtype = torch.float32

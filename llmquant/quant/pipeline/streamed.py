@@ -251,6 +251,7 @@ def _round_layer(ctx: StepContext, k: int, name: str, layer: nn.Module, plans: l
         if experts is not None:
             experts.annotate(entry)
         ctx.layer_reports[plan.name] = entry
+        plan.module = None  # its float weight goes now, not with the rest of the layer
 
 
 def _smoothing_pass(ctx: StepContext):
