@@ -69,3 +69,30 @@ def test_gptq_with_weighted_clipping_and_refits_beats_plain_gptq(layer, act_orde
     # Still the stored format: dequantized == (q - zp) * scale per group.
     deq = refined.q.float() * refined.scale.repeat_interleave(32, dim=1)
     assert torch.allclose(deq, refined.dequantized)
+
+
+def test_a_large_refit_runs_a_slice_of_rows_at_a_time_with_the_same_result(monkeypatch):
+    # The refit's temporary is rows x groups x group_size x groups floats (6.4 GB for a 3B model's
+    # down_proj): above REFIT_MEMORY it works on slices of rows, each row's system as before.
+    from llmquant.quant.algorithms import gptq_scales
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g)
+    x = torch.randn(512, 256, generator=g)
+    h = x.t() @ x / 512
+    scale = (w.reshape(64, 8, 32).abs().amax(-1) / 7).clamp(min=1e-6)
+    codes = torch.clamp(torch.round(w / scale.repeat_interleave(32, 1)), -8, 7)
+    whole = gptq_scales.refit_scales(w, h, codes, scale, None, torch.float32)
+    calls = []
+    original = gptq_scales.refit_scales
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gptq_scales, "refit_scales", counting)
+    monkeypatch.setattr(gptq_scales, "REFIT_MEMORY", 8 * 32 * 8 * 4 * 10)  # ten rows' worth
+    sliced = gptq_scales.refit_scales(w, h, codes, scale, None, torch.float32)
+    assert calls[0] == 64 and calls[1:] == [10] * 6 + [4]
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=0)
+    assert ((sliced - whole).abs() > 0).float().mean() < 0.05  # the same scales but for rare last bits
