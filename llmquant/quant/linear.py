@@ -22,6 +22,9 @@ from llmquant.quant.packing import pack_int32, unpack_int32
 from llmquant.quant.primitives import dequantize, grouped_view, quantize, quantize_activation, scale_shape
 
 
+ROUND_CHUNK = 1 << 21  # weight values rounded at once in from_float
+
+
 class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, *, bias: bool = False,
                  scale_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32,
@@ -62,7 +65,15 @@ class QuantizedLinear(nn.Module):
                     scale_dtype=scale_dtype, dtype=weight.dtype, device=weight.device)
         args = scheme.weights
         scale, zero_point = weight_qparams(weight, args, scale_dtype)
-        q = quantize(grouped_view(weight.float(), args), scale, zero_point, args).reshape(weight.shape)
+        if scale.shape[0] == weight.shape[0]:
+            # Rounding is elementwise: a slice of rows at a time gives the same codes, with a few MB of
+            # float temporaries instead of three copies of the weight in float32.
+            rows = max(1, ROUND_CHUNK // max(1, weight.shape[1]))
+            q = torch.cat([quantize(grouped_view(weight[i:i + rows].float(), args), scale[i:i + rows],
+                                    None if zero_point is None else zero_point[i:i + rows], args
+                                    ).reshape(-1, weight.shape[1]) for i in range(0, weight.shape[0], rows)])
+        else:  # one scale for the whole tensor
+            q = quantize(grouped_view(weight.float(), args), scale, zero_point, args).reshape(weight.shape)
         layer.set_quantized(q, scale, zero_point)
         if layer.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())

@@ -35,6 +35,7 @@ from llmquant.checkpoint.save import module_tensors, tied_keys
 from llmquant.checkpoint.shard_writer import ShardWriter
 from llmquant.errors import InvalidConfigError
 from llmquant.loading.layer_stream import LayerStream, release_module
+from llmquant.memory import release_freed_memory
 from llmquant.quant.pipeline.calibration import observe_layer
 from llmquant.quant.pipeline.context import REPORT_PASS_SAMPLES, StepContext
 from llmquant.quant.pipeline.expert_calibration import ExpertCalibration
@@ -252,6 +253,9 @@ def _round_layer(ctx: StepContext, k: int, name: str, layer: nn.Module, plans: l
             experts.annotate(entry)
         ctx.layer_reports[plan.name] = entry
         plan.module = None  # its float weight goes now, not with the rest of the layer
+        # The rounding's temporaries (slices of rows, below glibc's mmap threshold) stay in the heap
+        # until trimmed: 300-400 MB by the end of a 3B layer, a fifth of the streamed peak.
+        release_freed_memory()
 
 
 def _smoothing_pass(ctx: StepContext):
