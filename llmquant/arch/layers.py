@@ -22,3 +22,11 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         raise InvalidConfigError("No stack of decoder layers (a ModuleList of blocks) was found in this model; "
                                  "sequential calibration needs one.")
     return best[1], best[2]
+
+
+def layer_index(name: str, prefix: str) -> int | None:
+    """The index of the decoder layer (in the stack named `prefix`) that module `name` belongs to;
+    None for a module outside the stack."""
+    if not name.startswith(prefix + "."):
+        return None
+    return int(name[len(prefix) + 1:].split(".", 1)[0])

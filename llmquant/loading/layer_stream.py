@@ -54,7 +54,6 @@ class LayerStream:
             for name, buf in module._buffers.items():
                 if buf is not None and not buf.is_meta:
                     module._buffers[name] = buf.to(self.device)
-        self.bytes_read = 0
 
     def checkpoint_name(self, key: str) -> str:
         """The name under which the files hold the model's tensor `key`."""
@@ -122,7 +121,6 @@ class LayerStream:
         elif tensor.is_floating_point() and slot is not None:
             tensor = tensor.to(slot.dtype)  # the dtype loading the whole model would give it
         tensor = tensor.to(self.device)
-        self.bytes_read += tensor.numel() * tensor.element_size()
         if attr in owner._parameters:
             requires_grad = slot.requires_grad if slot is not None else False
             owner._parameters[attr] = nn.Parameter(tensor, requires_grad=requires_grad and tensor.is_floating_point())

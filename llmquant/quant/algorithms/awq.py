@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from llmquant.config.args import QuantArgs
 from llmquant.quant.observers import weight_qparams
+from llmquant.quant.pipeline.calibration import OBSERVE_BATCH
 from llmquant.quant.primitives import fake_quantize, grouped_view
 from llmquant.quant.algorithms.smoothquant import NEVER_RAN, Mapping, SmoothingResult, feed_calibration, fold, usable_mappings
 
@@ -86,7 +87,7 @@ def _collect(model: nn.Module, mappings: list[Mapping], batches: Tensor, batch_s
 
 
 def awq_model(model: nn.Module, batches: Tensor, args: QuantArgs, *, grid: int = 20, only: set[str] | None = None,
-              batch_size: int = 4, progress: bool = True, within: list[Mapping] | None = None, probe=None,
+              batch_size: int = OBSERVE_BATCH, progress: bool = True, within: list[Mapping] | None = None, probe=None,
               feed=None) -> SmoothingResult:
     """Search and fold AWQ scales for every mapping whose balance layers are all in `only`
     (`within`, `probe`, `feed`: one decoder layer at a time, as smoothquant.smooth_model takes them)."""

@@ -19,11 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from llmquant.config.args import QuantScheme
-from llmquant.quant.pipeline.calibration import ActivationStats
+from llmquant.quant.pipeline.calibration import ActivationStats, new_activation_stats
 from llmquant.quant.pipeline.expert_calibration import ExpertCalibration
 from llmquant.quant.algorithms.gptq import accumulate_hessian, gptq_quantize_weight
 from llmquant.quant.linear import QuantizedLinear
-from llmquant.quant.observers import ActivationHistogram, DynamicActivationError
 from llmquant.quant.pipeline.plan import LayerPlan
 from llmquant.quant.primitives import sqnr_db
 from llmquant.config.recipe import GPTQConfig
@@ -78,7 +77,7 @@ class GPTQHandler:
     def _new_stats(self, name: str) -> None:
         act = self.plans[name].scheme.input_activations
         if act is not None:
-            self.stats[name] = DynamicActivationError(act) if act.dynamic else ActivationHistogram(act)
+            self.stats[name] = new_activation_stats(act)
 
     def refill(self, index: int, prefix: str, layer: nn.Module) -> bool:
         """After the routed pass: True when some experts saw too few tokens, whose statistics are

@@ -133,9 +133,9 @@ class _TailRunner:
         return cls(prefix, layers, norm, head, cached)
 
     def layer_of(self, name: str) -> int | None:
-        if not name.startswith(self.prefix + "."):
-            return None
-        return int(name[len(self.prefix) + 1:].split(".", 1)[0])
+        from llmquant.arch.layers import layer_index
+
+        return layer_index(name, self.prefix)
 
     def logits_from(self, k: int) -> Tensor:
         args, kwargs = self.cached[k]

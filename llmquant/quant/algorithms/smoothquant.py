@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmquant.arch.mappings import Mapping, check_readers, find_mappings
-from llmquant.quant.pipeline.calibration import forward_for_statistics
+from llmquant.quant.pipeline.calibration import OBSERVE_BATCH, forward_for_statistics
 
 MIN_VALUE = 1e-5
 AUTO_ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -90,7 +90,7 @@ def search_alpha(x: Tensor, weights: list[Tensor], act_absmax: Tensor, scheme,
 
 
 def collect_channel_absmax(model: nn.Module, mappings: list[Mapping], batches: Tensor, *,
-                           batch_size: int = 4, sample_rows: int = 0, progress: bool = True, feed=None
+                           batch_size: int = OBSERVE_BATCH, sample_rows: int = 0, progress: bool = True, feed=None
                            ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """max |x| per input channel of each mapping's activation (the input of `observed`: the balance
     layers, or the MoE block whose experts read it), and, when sample_rows > 0, up to that many input

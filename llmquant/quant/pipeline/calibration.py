@@ -20,18 +20,31 @@ from llmquant.quant.observers import ActivationHistogram, DynamicActivationError
 ActivationStats = ActivationHistogram | DynamicActivationError
 
 
+OBSERVE_BATCH = 4  # calibration samples per forward of a statistics pass (a streamed run keeps the same batches)
+
+
+def new_activation_stats(args) -> ActivationStats:
+    """The statistics one layer's input activations need: a histogram for static scales, the
+    rounding error of dynamic ones."""
+    return DynamicActivationError(args) if args.dynamic else ActivationHistogram(args)
+
+
 def observe_activations(model: nn.Module, layers: dict[str, QuantScheme], batches: Tensor, *,
-                        batch_size: int = 4, progress: bool = True,
+                        batch_size: int = OBSERVE_BATCH, progress: bool = True,
                         description: str = "calibrating activations",
                         experts: ExpertCalibration | None = None) -> dict[str, ActivationStats]:
     """Observe the inputs of `layers` (name -> scheme with input activations) over `batches` (N, L).
     With `experts` (the model's MoE experts, counting), experts routed too few tokens are observed
     again on every token in a second pass; their first statistics are discarded."""
-    stats = _observe(model, layers, batches, batch_size, progress, description)
-    again = {n: layers[n] for n in (experts.fallback() if experts is not None else ()) if n in layers}
-    if again:
-        stats.update(_observe(model, again, batches, batch_size, progress, description + " (rare experts)"))
-    return stats
+    device = next(model.parameters()).device
+
+    def feed(suffix: str) -> None:
+        with torch.inference_mode():
+            for chunk in tqdm(batches.split(batch_size), desc=description + suffix, unit="batch",
+                              disable=not progress, leave=False):
+                forward_for_statistics(model, chunk.to(device))
+
+    return _observe_passes(model, "", layers, feed, experts)
 
 
 def observe_layer(layer: nn.Module, prefix: str, layers: dict[str, QuantScheme], inputs, *,
@@ -40,42 +53,29 @@ def observe_layer(layer: nn.Module, prefix: str, layers: dict[str, QuantScheme],
     (a sequential.LayerInputs): what a streamed run observes, layer by layer, in the same batches."""
     from llmquant.quant.pipeline.sequential import run_layer
 
-    def observe(names: dict[str, QuantScheme]) -> dict[str, ActivationStats]:
-        stats: dict[str, ActivationStats] = {}
-        hooks = []
-        for name, scheme in names.items():
-            args = scheme.input_activations
-            stats[name] = DynamicActivationError(args) if args.dynamic else ActivationHistogram(args)
-            hooks.append(layer.get_submodule(name[len(prefix) + 1:]).register_forward_pre_hook(_hook(stats[name])))
-        try:
-            run_layer(layer, inputs, keep_outputs=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        return stats
+    return _observe_passes(layer, prefix + ".", layers, lambda suffix: run_layer(layer, inputs, keep_outputs=False),
+                           experts)
 
-    stats = observe(layers)
+
+def _observe_passes(root: nn.Module, prefix: str, layers: dict[str, QuantScheme], run, experts
+                    ) -> dict[str, ActivationStats]:
+    """The routed pass, then (MoE) the pass of the experts routed too few tokens; `run(suffix)`
+    feeds the data once, `prefix` is `root`'s name in the model (with its dot)."""
+    stats = _observe(root, prefix, layers, lambda: run(""))
     again = {n: layers[n] for n in (experts.fallback() if experts is not None else ()) if n in layers}
     if again:
-        stats.update(observe(again))
+        stats.update(_observe(root, prefix, again, lambda: run(" (rare experts)")))
     return stats
 
 
-def _observe(model: nn.Module, layers: dict[str, QuantScheme], batches: Tensor, batch_size: int, progress: bool,
-             description: str) -> dict[str, ActivationStats]:
+def _observe(root: nn.Module, prefix: str, layers: dict[str, QuantScheme], run) -> dict[str, ActivationStats]:
     stats: dict[str, ActivationStats] = {}
     hooks = []
     for name, scheme in layers.items():
-        args = scheme.input_activations
-        stats[name] = DynamicActivationError(args) if args.dynamic else ActivationHistogram(args)
-        module = model.get_submodule(name)
-        hooks.append(module.register_forward_pre_hook(_hook(stats[name])))
-    device = next(model.parameters()).device
+        stats[name] = new_activation_stats(scheme.input_activations)
+        hooks.append(root.get_submodule(name[len(prefix):]).register_forward_pre_hook(_hook(stats[name])))
     try:
-        with torch.inference_mode():
-            chunks = batches.split(batch_size)
-            for chunk in tqdm(chunks, desc=description, unit="batch", disable=not progress, leave=False):
-                forward_for_statistics(model, chunk.to(device))
+        run()
     finally:
         for h in hooks:
             h.remove()

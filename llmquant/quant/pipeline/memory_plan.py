@@ -100,12 +100,11 @@ def _matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * 512 * 1024 * 1024 * n / (time.perf_counter() - t)
 
 
-def plan_sequential(model: nn.Module, samples: int, seq_len: int, batch_size: int,
-                    quantized_names: set[str]) -> SequentialPlan:
-    """The plan for calibrating `model` layer by layer; `quantized_names` get a Hessian each."""
+def gptq_calibration_bytes(model: nn.Module, samples: int, seq_len: int, batch_size: int, elem: int,
+                           quantized_names: set[str] | None) -> tuple[int, int, int]:
+    """(layer inputs, Hessians, working space) of layer-by-layer GPTQ, bytes; the module docstring
+    says what each counts. `quantized_names` None: every Linear of the stack gets a Hessian."""
     prefix, layers = find_decoder_layers(model)
-    param = next(model.parameters())
-    device, elem = param.device, param.element_size()
     config = getattr(model, "config", None)
     per_layer = [[(f"{prefix}.{k}.{n}", m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
                  for k, layer in enumerate(layers)]
@@ -114,13 +113,25 @@ def plan_sequential(model: nn.Module, samples: int, seq_len: int, batch_size: in
     widest = max((m.out_features for m in every), default=width)
     heads = getattr(config, "num_attention_heads", 1) or 1
     # Layers differ (DeepSeek's first layers are dense, the rest MoE): the largest one sets the peak.
-    hessian = max((sum(4 * m.in_features ** 2 for n, m in linears if n in quantized_names) for linears in per_layer),
-                  default=0)
+    hessian = max((sum(4 * m.in_features ** 2 for n, m in linears if quantized_names is None or n in quantized_names)
+                   for linears in per_layer), default=0)
     inputs = samples * seq_len * width * elem
     rows = batch_size * seq_len
     working = rows * (4 * widest + 6 * width) * elem + batch_size * heads * seq_len * seq_len * elem
     biggest = max((m.weight.numel() for m in every), default=0)
     working += 3 * 4 * biggest * 3  # stacked q/k/v-sized weight, float32, a few copies
+    return inputs, hessian, working
+
+
+def plan_sequential(model: nn.Module, samples: int, seq_len: int, batch_size: int,
+                    quantized_names: set[str]) -> SequentialPlan:
+    """The plan for calibrating `model` layer by layer; `quantized_names` get a Hessian each."""
+    prefix, layers = find_decoder_layers(model)
+    param = next(model.parameters())
+    device, elem = param.device, param.element_size()
+    every = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    width = getattr(getattr(model, "config", None), "hidden_size", None) or (every[0].in_features if every else 0)
+    inputs, hessian, working = gptq_calibration_bytes(model, samples, seq_len, batch_size, elem, quantized_names)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # A MoE expert runs on its share of the tokens (experts per token / experts).
     share = _expert_token_share(model)
@@ -201,7 +212,6 @@ def plan_peaks(model: nn.Module, samples: int, seq_len: int, *, gptq: bool, quan
     config = getattr(model, "config", None)
     width = getattr(config, "hidden_size", None) or 0
     vocab = getattr(config, "vocab_size", None) or 0
-    heads = getattr(config, "num_attention_heads", 1) or 1
     seen: set[int] = set()
 
     def size(module: nn.Module) -> int:
@@ -217,18 +227,11 @@ def plan_peaks(model: nn.Module, samples: int, seq_len: int, *, gptq: bool, quan
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_bytes = head.weight.numel() * elem if head is not None else 0
     checkpoint = sum(layer_bytes) + outside - (head_bytes if getattr(config, "tie_word_embeddings", False) else 0)
-    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
-    biggest = max((m.weight.numel() for m in linears), default=0)
-    widest = max((m.out_features for m in linears), default=width)
-    names = quantized_names
     if gptq:
-        hessian = max((sum(4 * m.in_features ** 2 for n, m in layer.named_modules() if isinstance(m, nn.Linear)
-                           and (names is None or f"{prefix}.{k}.{n}" in names)) for k, layer in enumerate(layers)),
-                      default=0)
-        rows = batch_size * seq_len
-        calibration = (samples * seq_len * width * elem + hessian + rows * (4 * widest + 6 * width) * elem
-                       + batch_size * heads * seq_len * seq_len * elem + 3 * 4 * biggest * 3)
+        calibration = sum(gptq_calibration_bytes(model, samples, seq_len, batch_size, elem, quantized_names))
     else:
+        biggest = max((m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)),
+                      default=0)
         calibration = 3 * 4 * biggest
     window = 512  # finish.VERIFY_WINDOW
     in_memory_check = verify_tokens * vocab * 2  # float16 log-probabilities of the original

@@ -24,19 +24,19 @@ tensor (tests/llmquant/quant/test_streamed.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from llmquant.arch.layers import find_decoder_layers
+from llmquant.arch.layers import find_decoder_layers, layer_index
+from llmquant.arch.mappings import find_mappings
 from llmquant.checkpoint.save import module_tensors, tied_keys
 from llmquant.checkpoint.shard_writer import ShardWriter
 from llmquant.errors import InvalidConfigError
 from llmquant.loading.layer_stream import LayerStream, release_module
 from llmquant.memory import release_freed_memory
-from llmquant.quant.pipeline.calibration import observe_layer
+from llmquant.quant.pipeline.calibration import OBSERVE_BATCH, observe_layer
 from llmquant.quant.pipeline.context import REPORT_PASS_SAMPLES, StepContext
 from llmquant.quant.pipeline.expert_calibration import ExpertCalibration
 from llmquant.quant.pipeline.sequential import LayerInputs, calibrate_layer, capture_first_inputs, run_layer
@@ -45,7 +45,6 @@ from llmquant.quant.pipeline.step_rounding import quantize_layer
 from llmquant.quant.pipeline.tail import tail_logits
 from llmquant.quant.pipeline.verify import Agreement, compare_logits
 
-OBSERVE_BATCH = 4  # observe_activations' batch size: the float stream runs in the same batches
 
 
 @dataclass
@@ -60,9 +59,9 @@ class Streams:
     tuple_outputs: bool = False  # whether decoder layers return (hidden, ...) rather than hidden
 
     def named(self) -> dict[str, LayerInputs]:
-        pairs = (("quantized", self.quantized), ("smoothing", self.smoothing), ("activations", self.activations),
-                 ("reference", self.reference), ("checked", self.checked))
-        return {n: s for n, s in pairs if s is not None}
+        """The streams this run has, by field name (a resume point saves and restores them)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "tuple_outputs" and getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -82,8 +81,9 @@ def run_streamed(ctx: StepContext, writer: ShardWriter, windows: Tensor | None, 
     before, after = weights.outside_keys(prefix)
     if rec.mixed_precision is not None:
         _mixed_precision(ctx, weights)
-    plans_by_layer = _plans_by_layer(ctx, prefix, len(layers))
-    outside = [p for p in ctx.plans if p.scheme is not None and _layer_of(p.name, prefix) is None]
+    planned = [p for p in ctx.plans if p.scheme is not None]
+    plans_by_layer = _by_layer(planned, [p.name for p in planned], prefix, len(layers))
+    outside = [p for p in planned if layer_index(p.name, prefix) is None]
     if any(p.scheme.input_activations for p in outside):
         raise InvalidConfigError("A streamed run quantizes activations only inside the decoder layers; "
                                  f"{outside[0].name} is outside them. Run with --no-stream, or --ignore it.")
@@ -91,7 +91,10 @@ def run_streamed(ctx: StepContext, writer: ShardWriter, windows: Tensor | None, 
     smoothing = _smoothing_pass(ctx)
     handler = _gptq_handler(ctx) if rec.gptq is not None else None
     act_batches = _activation_batches(ctx, plans_by_layer) if handler is None else None
-    mappings = _mappings_by_layer(net, prefix, len(layers)) if smoothing is not None else None
+    mappings = None
+    if smoothing is not None:
+        found = find_mappings(net)
+        mappings = _by_layer(found, [m.smooth for m in found], prefix, len(layers))
 
     weights.load("", before)
     streams = _capture(net, layers[0], ctx, handler, act_batches, windows, smoothing is not None)
@@ -139,7 +142,8 @@ def run_streamed(ctx: StepContext, writer: ShardWriter, windows: Tensor | None, 
     if streams.reference is not None:
         quantized = {name: net.get_submodule(name) for name in originals}
         result.verification = _verify(net, layers, streams, originals, quantized)
-    writer.add(module_tensors(net, "", storage, spec, skip, only=_after_keys(net, prefix)))
+    # Read again: a quantized lm_head's tensors have other names now.
+    writer.add(module_tensors(net, "", storage, spec, skip, only=set(weights.outside_keys(prefix)[1])))
     weights.release("", after)
     for name, module in originals.items():
         release_module(net.get_submodule(name))
@@ -167,25 +171,14 @@ def _mixed_precision(ctx: StepContext, weights: LayerStream) -> None:
     ctx.timings["mixed_precision"] = time.perf_counter() - t
 
 
-def _after_keys(net: nn.Module, prefix: str) -> set[str]:
-    """The state-dict keys after the decoder stack as they are now (a quantized lm_head has new names)."""
-    keys = list(net.state_dict(keep_vars=True))
-    last = max(i for i, k in enumerate(keys) if k.startswith(prefix + "."))
-    return {k for k in keys[last + 1:] if not k.startswith(prefix + ".")}
-
-
-def _layer_of(name: str, prefix: str) -> int | None:
-    if not name.startswith(prefix + "."):
-        return None
-    return int(name[len(prefix) + 1:].split(".", 1)[0])
-
-
-def _plans_by_layer(ctx: StepContext, prefix: str, count: int) -> list[list]:
+def _by_layer(items: list, names: list[str], prefix: str, count: int) -> list[list]:
+    """`items` grouped by the decoder layer their name (`names`, in the same order) is in; items
+    outside the stack are left out."""
     by_layer: list[list] = [[] for _ in range(count)]
-    for plan in ctx.plans:
-        k = _layer_of(plan.name, prefix)
-        if k is not None and plan.scheme is not None:
-            by_layer[k].append(plan)
+    for item, name in zip(items, names):
+        k = layer_index(name, prefix)
+        if k is not None:
+            by_layer[k].append(item)
     return by_layer
 
 
@@ -271,15 +264,6 @@ def _smoothing_pass(ctx: StepContext):
         return SmoothingResult(alpha=rec.smoothquant.alpha)
     ctx.record("awq", "AWQ scale search", batches)
     return SmoothingResult(alpha="awq")
-
-
-def _mappings_by_layer(net: nn.Module, prefix: str, count: int) -> list[list]:
-    from llmquant.arch.mappings import find_mappings
-
-    by_layer: list[list] = [[] for _ in range(count)]
-    for mapping in find_mappings(net):
-        by_layer[_layer_of(mapping.smooth, prefix)].append(mapping)
-    return by_layer
 
 
 def _smooth_layer(ctx: StepContext, layer: nn.Module, mappings: list, inputs: LayerInputs, total) -> None:

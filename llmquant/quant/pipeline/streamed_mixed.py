@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from llmquant.arch.layers import find_decoder_layers
+from llmquant.arch.layers import find_decoder_layers, layer_index
 from llmquant.errors import InvalidConfigError
 from llmquant.quant.algorithms.mixed import final_norm_and_head, mean_kl, round_in_place
 from llmquant.quant.pipeline.sequential import LayerInputs, capture_first_inputs, run_layer
@@ -33,10 +33,10 @@ def streamed_sensitivities(weights, model, plans, low, windows, progress: bool =
     for plan in plans:
         if plan.scheme is None:
             continue
-        if not plan.name.startswith(prefix + "."):
+        if layer_index(plan.name, prefix) is None:
             raise InvalidConfigError(f"Mixed precision streamed measures layers inside the decoder stack; {plan.name} "
                                      "is outside it. --ignore it, or use --no-stream.")
-        by_layer[int(plan.name[len(prefix) + 1:].split(".", 1)[0])].append(plan)
+        by_layer[layer_index(plan.name, prefix)].append(plan)
     before, after = weights.outside_keys(prefix)
 
     weights.load("", before)
