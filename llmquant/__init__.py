@@ -7,6 +7,7 @@
                       run=llmquant.RunOptions(output="out/"))
     loaded = llmquant.load_model("out/")          # our runtime, quantized layers
     llmquant.distill(teacher, student_layers=15, steps=500, output="student/")  # smaller, retrained
+    llmquant.export("out/", "model.gguf")         # a GGUF file for llama.cpp, checked code for code
 
 Names are imported on first use, so `import llmquant` (and every CLI start) does not pay for
 torch and transformers until a command needs them.
@@ -46,12 +47,12 @@ _EXPORTS = {
     "DistillRecipe": "llmquant.distill.recipe",
     "DistillResult": "llmquant.distill.api",
 }
-__all__ = sorted(_EXPORTS) + ["__version__", "distill"]
+__all__ = sorted(_EXPORTS) + ["__version__", "distill", "export"]
 
 
 def __getattr__(name: str):
-    if name == "distill":  # the package is callable: llmquant.distill(...) (see llmquant/distill/__init__.py)
-        return import_module("llmquant.distill")
+    if name in ("distill", "export"):  # callable packages: llmquant.distill(...), llmquant.export(...)
+        return import_module(f"llmquant.{name}")
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -66,7 +67,7 @@ class GPTQResult:
     loss: float  # sum over columns of err^2 / Hinv_ii / 2: GPTQ's own objective
 
 
-def _inverse_hessian_factor(hessian: Tensor, dampening: float) -> Tensor:
+def inverse_hessian_factor(hessian: Tensor, dampening: float) -> Tensor:
     """Upper Cholesky factor of (H + damp I)^-1, raising damp until H + damp I is positive definite."""
     mean_diag = torch.diag(hessian).mean().clamp(min=1e-8)
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
@@ -102,7 +103,7 @@ def _round_column(w: Tensor, scale: Tensor, zero_point: Tensor | None, args: Qua
 
 
 @contextlib.contextmanager
-def _few_threads(device: torch.device):
+def few_threads(device: torch.device):
     """One thread for the column loop on CPU: its hundreds of small vector operations per matrix
     gain nothing from splitting, and with two threads every operation waits on a barrier, which
     on a busy machine made the loop 14-20x slower (measured on the 2-core development machine)."""
@@ -117,13 +118,15 @@ def _few_threads(device: torch.device):
         torch.set_num_threads(before)
 
 
-def _error_feedback(W: Tensor, Hinv: Tensor, args: QuantArgs, scales: Tensor, zps: Tensor | None,
-                    col_group: list[int], gs: int, static: bool, block_size: int, scale_dtype: torch.dtype,
-                    stored: Tensor, deq: Tensor, importance: Tensor | None) -> float:
-    """The GPTQ loop over (possibly permuted) columns; fills `stored`/`deq` and the dynamic group
-    scales in place, returns GPTQ's loss. W is updated in place."""
+def error_feedback(W: Tensor, Hinv: Tensor, block_size: int,
+                   round_column: Callable[[int, Tensor, Callable[[int], Tensor]], Tensor]) -> float:
+    """GPTQ's loop over W's (possibly permuted) columns, W updated in place; returns GPTQ's loss.
+
+    `round_column(c, w, ahead)` rounds column c (values w, (out,)) and returns it dequantized;
+    it may first call `ahead(n)`, the n columns from c on as they stand now (this block's
+    updated ones, then later blocks', which have received every earlier block's feedback), to
+    choose the scales of a group that starts at c."""
     in_f = W.shape[1]
-    col_args = _column_args(args)
     loss = 0.0
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -131,30 +134,41 @@ def _error_feedback(W: Tensor, Hinv: Tensor, args: QuantArgs, scales: Tensor, zp
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            c = i1 + i
-            g = col_group[c]
-            if not static and c % gs == 0:
-                # The group's columns as they stand now: this block's updated ones, then later
-                # blocks' (which have received every earlier block's feedback).
-                cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                if importance is not None:
-                    s, z = hessian_weighted_qparams(cols.unsqueeze(1), importance[c:c + gs].unsqueeze(0), args,
-                                                    scale_dtype)
-                else:
-                    s, z = weight_qparams(cols, col_args, scale_dtype)
-                scales[:, g] = s[:, 0].float()
-                if zps is not None:
-                    zps[:, g] = z[:, 0].float()
             w = W1[:, i]
-            q, dq = _round_column(w, scales[:, g], zps[:, g] if zps is not None else None, args)
-            stored[:, c] = q
-            deq[:, c] = dq
+            dq = round_column(i1 + i, w, lambda n, i=i: torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :n])
             err = (w - dq) / Hinv1[i, i]
             W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))
             Err1[:, i] = err
         loss += float(Err1.pow(2).sum()) / 2.0
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return loss
+
+
+def _error_feedback(W: Tensor, Hinv: Tensor, args: QuantArgs, scales: Tensor, zps: Tensor | None,
+                    col_group: list[int], gs: int, static: bool, block_size: int, scale_dtype: torch.dtype,
+                    stored: Tensor, deq: Tensor, importance: Tensor | None) -> float:
+    """`error_feedback` on our INT/FP8 grids; fills `stored`/`deq` and the dynamic group scales
+    in place."""
+    col_args = _column_args(args)
+
+    def round_column(c: int, w: Tensor, ahead: Callable[[int], Tensor]) -> Tensor:
+        g = col_group[c]
+        if not static and c % gs == 0:
+            cols = ahead(gs)
+            if importance is not None:
+                s, z = hessian_weighted_qparams(cols.unsqueeze(1), importance[c:c + gs].unsqueeze(0), args,
+                                                scale_dtype)
+            else:
+                s, z = weight_qparams(cols, col_args, scale_dtype)
+            scales[:, g] = s[:, 0].float()
+            if zps is not None:
+                zps[:, g] = z[:, 0].float()
+        q, dq = _round_column(w, scales[:, g], zps[:, g] if zps is not None else None, args)
+        stored[:, c] = q
+        deq[:, c] = dq
+        return dq
+
+    return error_feedback(W, Hinv, block_size, round_column)
 
 
 def _static_qparams(W: Tensor, H: Tensor, args: QuantArgs, scale_dtype: torch.dtype, weighted: bool
@@ -209,7 +223,7 @@ def gptq_quantize_weight(weight: Tensor, hessian: Tensor, args: QuantArgs, *,
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         Hp = H[perm][:, perm]
     col_group = ((perm if perm is not None else torch.arange(in_f, device=W0.device)) // gs).tolist()
-    Hinv = _inverse_hessian_factor(Hp, dampening)
+    Hinv = inverse_hessian_factor(Hp, dampening)
     importance = torch.diag(H) if weighted and not static else None
     refit = refit_rounds > 0 and is_int and args.strategy != "tensor"
 
@@ -218,7 +232,7 @@ def gptq_quantize_weight(weight: Tensor, hessian: Tensor, args: QuantArgs, *,
     rounds = max(1, refit_rounds) if refit else 1
     for round_index in range(rounds):
         W = W0[:, perm] if perm is not None else W0.clone()
-        with _few_threads(W0.device):
+        with few_threads(W0.device):
             loss = _error_feedback(W, Hinv, args, scales, zps, col_group, gs, static or round_index > 0,
                                    block_size, scale_dtype, stored, deq, importance)
         if perm is not None:

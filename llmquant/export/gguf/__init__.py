@@ -1,0 +1,1 @@
+"""GGUF export: llama.cpp-ready files from our quantized or float models."""
