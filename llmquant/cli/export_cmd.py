@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from llmquant.cli.commands import summary
+from llmquant.runtime import DTYPE_NAMES
 
 EPILOG = """\
 file types (--type), as llama.cpp names them:
@@ -59,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     cal.add_argument("--seed", type=int, default=0, help="which windows are drawn")
     cal.add_argument("--dampening", type=float, default=0.01, help="GPTQ Hessian dampening (default 0.01)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                   help="dtype the model is loaded and calibrated in (default float32; bfloat16 halves the memory "
+                   "of a large model; GPTQ itself works in float32 one weight at a time)")
     p.add_argument("--llama-cpp-python", default=None, metavar="PYTHON",
                    help="a Python that can import llama_cpp, to run the file in llama.cpp after writing it "
                    "(default: this Python, if it can)")
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = CalibrationConfig(dataset=args.dataset, num_samples=args.num_samples, seq_len=args.seq_len,
                                     seed=args.seed)
     result = export(args.model, args.output, format=args.format, type=args.type, method=args.method,
-                    requantize=args.requantize, calibration=calibration, dampening=args.dampening,
+                    requantize=args.requantize, calibration=calibration, dampening=args.dampening, dtype=args.dtype,
                     overwrite=args.overwrite, verify=args.verify, llama_cpp_python=args.llama_cpp_python,
                     revision=args.revision, allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code, progress=not args.quiet)

@@ -25,7 +25,7 @@ CHECK_TOKENS = 256  # held-out tokens the llama.cpp comparison runs
 
 def export(source=None, output: str | os.PathLike = "model.gguf", *, format: str = "gguf", type: str | None = None,
            method: str = "gptq", requantize: bool = False, calibration: CalibrationConfig | None = None,
-           dampening: float = 0.01, overwrite: bool = False, verify: bool = True, llama_cpp_python: str | None = None,
+           dampening: float = 0.01, dtype: str | torch.dtype = torch.float32, overwrite: bool = False, verify: bool = True, llama_cpp_python: str | None = None,
            revision: str | None = None, token: str | None = None, allow_pickle: bool = False,
            trust_remote_code: bool = False, progress: bool = True) -> GGUFExportResult:
     """Write `source` (as for `load_model`: a folder, Hub id, .gguf, or None for the demo model) to
@@ -38,7 +38,9 @@ def export(source=None, output: str | os.PathLike = "model.gguf", *, format: str
     `method`: "gptq" (calibrated on `calibration`'s text, layer by layer) or "rtn" (rounding with
     the scale search). With `verify`, the file is read back and compared code for code, and run in
     llama.cpp against our runtime when llama-cpp-python is importable (`llama_cpp_python`: the
-    Python of another environment that has it)."""
+    Python of another environment that has it). `dtype` is the compute dtype the model is loaded in
+    for calibration (float32 by default: 4 bytes per parameter; "bfloat16" halves that for large
+    models; GPTQ itself always works in float32, one weight at a time)."""
     from llmquant.export.gguf.architectures import gguf_architecture
     from llmquant.export.gguf.sources import model_tensors
     from llmquant.loading import load_model
@@ -52,7 +54,7 @@ def export(source=None, output: str | os.PathLike = "model.gguf", *, format: str
     output = Path(output)
     check_output(output, overwrite)
     t0 = time.perf_counter()
-    loaded = load_model(source, revision=revision, token=token, dtype=torch.float32, device="cpu",
+    loaded = load_model(source, revision=revision, token=token, dtype=dtype, device="cpu",
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     model = loaded.model
     arch = gguf_architecture(model.config)

@@ -138,8 +138,8 @@ def quantize_weights(model, tensors: list[SourceTensor], plan: dict[str, str], *
     typed: dict[str, tuple[TypedWeight, str, float]] = {}
     refused = []
     for s in tensors:
-        if s.layer is None or s.name not in plan:
-            continue
+        if s.layer is None or plan.get(s.name) not in BLOCK_TYPES:
+            continue  # float tensors, and quantized layers the file type writes as float (F16 ...)
         if lossless_type(s.layer) is not None:
             weight, change, moved = carry_over(s.layer)
             result.scale_f16_change = max(result.scale_f16_change, change)

@@ -112,3 +112,32 @@ def test_q4_0_mixture_follows_llama_cpp():
     assert [i for i in range(30) if plan[f"blk.{i}.ffn_down.weight"] == "Q4_1"] == [0, 1, 2]
     uncalibrated = plan_types(_demo_like_slots(), "Q4_0", 30, calibrated=False)
     assert {uncalibrated[f"blk.{i}.ffn_down.weight"] for i in range(30)} == {"Q4_0"}
+
+
+def test_activation_noise_is_llama_cpps_8_bit_rounding_of_inputs():
+    """The variance llama.cpp's Q8_0 rounding of activations adds, per input column, joins the
+    Hessian of 8-bit weight types only."""
+    from llmquant.export.gguf.calibrated import ActivationNoise, _Inputs
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 50, 64, generator=g) * torch.linspace(0.1, 4, 64)
+    noise = ActivationNoise()
+    for part in x.split(1):  # batches arrive one at a time: the running mean is exact
+        noise.add(part)
+    blocks = x.reshape(150, 2, 32).abs().amax(-1)  # (tokens, blocks)
+    expected = 2 * ((blocks / 127) ** 2 / 12).mean(0).repeat_interleave(32)
+    assert torch.allclose(noise.diagonal(), expected, rtol=1e-5)
+    # The measured noise matches rounding blocks of 32 to 8 bits, as llama.cpp's quantize_row_q8_0 does.
+    flat = x.reshape(-1, 2, 32)
+    d = flat.abs().amax(-1, keepdim=True) / 127
+    rounded = torch.round(flat / d) * d
+    measured = 2 * (rounded - flat).pow(2).mean(0).reshape(64)
+    assert torch.allclose(measured.mean(), expected.mean(), rtol=0.15)
+
+    inputs = _Inputs("q")
+    inputs.add(x)
+    assert torch.equal(inputs.hessian_for(BLOCK_TYPES["Q4_0"]), inputs.hessian)
+    added = inputs.hessian_for(BLOCK_TYPES["Q8_0"]) - inputs.hessian
+    # (H + N) - H in float32: N's digits below H's last bit are lost, hence the tolerance.
+    assert torch.allclose(torch.diag(added), expected, rtol=1e-3, atol=1e-6 * float(torch.diag(inputs.hessian).max()))
+    assert torch.count_nonzero(added - torch.diag(torch.diag(added))) == 0

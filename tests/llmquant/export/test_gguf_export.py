@@ -144,6 +144,22 @@ def test_float_model_gptq_into_k_quant_mixture(tmp_path_factory, tiny_tokenizer,
     assert kl["gptq"] < kl["rtn"], kl
 
 
+@pytest.mark.parametrize("file_type", ["F16", "BF16"])
+def test_unquantized_file_types(tiny_model_dir, quantized_folders, tmp_path, ids, file_type):
+    """F16/BF16 files of the float model hold its weights; of a quantized folder, its dequantized ones."""
+    from transformers import AutoModelForCausalLM
+
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for source, reference in ((tiny_model_dir, float_model),
+                              (quantized_folders["Q4_0"], load_model(quantized_folders["Q4_0"], dtype="float32").model)):
+        out = tmp_path / f"{file_type}-{source.name}.gguf"
+        result = export(source, out, type=file_type, progress=False)
+        assert set(result.type_counts()) == {file_type, "F32"} and "identical to ours" in result.verified
+        if file_type == "F16":  # transformers' GGUF loader reads F16 (its BF16 support varies by version)
+            hf = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+            assert _cosine(_logits(hf, ids), _logits(reference, ids)) >= 0.9999
+
+
 def test_cli_writes_a_file_and_says_what_it_checked(quantized_folders, tmp_path, capsys):
     from llmquant.cli import main
 
@@ -160,3 +176,24 @@ def test_cli_writes_a_file_and_says_what_it_checked(quantized_folders, tmp_path,
 def _kl(reference, logits):
     p = torch.log_softmax(reference, -1)
     return (p.exp() * (p - torch.log_softmax(logits, -1))).sum(-1).mean().item()
+
+
+def _llama_cpp_python():
+    import importlib.util
+    import os
+
+    given = os.environ.get("LLMQUANT_LLAMA_CPP_PYTHON")
+    return given or (sys.executable if importlib.util.find_spec("llama_cpp") else None)
+
+
+@pytest.mark.skipif(_llama_cpp_python() is None,
+                    reason="llama-cpp-python not importable (set LLMQUANT_LLAMA_CPP_PYTHON to a Python that has it)")
+@pytest.mark.parametrize("gguf_type", ["Q4_0", "Q8_0"])
+def test_llama_cpp_runs_the_file_like_our_runtime(quantized_folders, tmp_path, gguf_type):
+    """Real llama.cpp on the written file against llmquant's runtime on the folder: same numbers, up to
+    llama.cpp's 8-bit rounding of activations."""
+    result = export(quantized_folders[gguf_type], tmp_path / "m.gguf", llama_cpp_python=_llama_cpp_python(),
+                    progress=False)
+    check = result.llama_cpp
+    assert check["tokens"] == 256
+    assert check["kl_mean"] < 1e-3 and check["top1_agreement"] > 0.95, check  # measured: KL 3e-6, top-1 99%
