@@ -63,7 +63,7 @@ class ActivationNoise:
         return None if self.mean is None else 2.0 * self.mean.repeat_interleave(ACTIVATION_BLOCK)
 
 
-class _Inputs:
+class InputStatistics:
     """What one group of Linear layers reading the same input accumulates."""
 
     def __init__(self, owner: str) -> None:
@@ -92,7 +92,7 @@ class GGUFGPTQHandler:
         self.model, self.types, self.dampening = model, types, dampening
         # module name (e.g. model.layers.0.mlp.down_proj) -> (typed weight, its weight SQNR in dB)
         self.results: dict[str, tuple[TypedWeight, float]] = {}
-        self._inputs: dict[str, _Inputs] = {}  # module name -> its inputs' statistics (shared when the input is)
+        self._inputs: dict[str, InputStatistics] = {}  # module name -> its inputs' statistics (shared when the input is)
 
     def attach(self, index: int, prefix: str, layer: nn.Module) -> list:
         handles = []
@@ -109,7 +109,7 @@ class GGUFGPTQHandler:
             x = args[0]
             if name not in self._inputs:
                 shared = last["x"] is x and last["name"] is not None
-                self._inputs[name] = self._inputs[last["name"]] if shared else _Inputs(name)
+                self._inputs[name] = self._inputs[last["name"]] if shared else InputStatistics(name)
             entry = self._inputs[name]
             if entry.owner == name:  # the owner accumulates; sharers read the same entry
                 entry.add(x)

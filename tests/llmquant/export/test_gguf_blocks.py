@@ -117,7 +117,7 @@ def test_q4_0_mixture_follows_llama_cpp():
 def test_activation_noise_is_llama_cpps_8_bit_rounding_of_inputs():
     """The variance llama.cpp's Q8_0 rounding of activations adds, per input column, joins the
     Hessian of 8-bit weight types only."""
-    from llmquant.export.gguf.calibrated import ActivationNoise, _Inputs
+    from llmquant.export.gguf.calibrated import ActivationNoise, InputStatistics
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 50, 64, generator=g) * torch.linspace(0.1, 4, 64)
@@ -134,7 +134,7 @@ def test_activation_noise_is_llama_cpps_8_bit_rounding_of_inputs():
     measured = 2 * (rounded - flat).pow(2).mean(0).reshape(64)
     assert torch.allclose(measured.mean(), expected.mean(), rtol=0.15)
 
-    inputs = _Inputs("q")
+    inputs = InputStatistics("q")
     inputs.add(x)
     assert torch.equal(inputs.hessian_for(BLOCK_TYPES["Q4_0"]), inputs.hessian)
     added = inputs.hessian_for(BLOCK_TYPES["Q8_0"]) - inputs.hessian
