@@ -25,8 +25,9 @@ CHECK_TOKENS = 256  # held-out tokens the llama.cpp comparison runs
 
 def export(source=None, output: str | os.PathLike = "model.gguf", *, format: str = "gguf", type: str | None = None,
            method: str = "gptq", requantize: bool = False, calibration: CalibrationConfig | None = None,
-           dampening: float = 0.01, dtype: str | torch.dtype = torch.float32, overwrite: bool = False, verify: bool = True, llama_cpp_python: str | None = None,
-           revision: str | None = None, token: str | None = None, allow_pickle: bool = False,
+           dampening: float = 0.01, dtype: str | torch.dtype = torch.float32, overwrite: bool = False,
+           verify: bool = True, llama_cpp_python: str | None = None, revision: str | None = None,
+           token: str | None = None, allow_pickle: bool = False,
            trust_remote_code: bool = False, progress: bool = True) -> GGUFExportResult:
     """Write `source` (as for `load_model`: a folder, Hub id, .gguf, or None for the demo model) to
     `output` as a GGUF file of file type `type` (Q4_0, Q4_K_M, Q8_0, F16, ...).

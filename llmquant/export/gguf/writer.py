@@ -146,9 +146,8 @@ def quantize_weights(model, tensors: list[SourceTensor], plan: dict[str, str], *
             result.codes_moved += moved
             typed[s.name] = (weight, "carried over", sqnr_db(s.layer.dequantized_weight(), weight.dequantized))
         elif requantize:
-            t = plan[s.name] if plan[s.name] in BLOCK_TYPES else "Q8_0"
             ours = s.layer.dequantized_weight(torch.float32)
-            weight = round_to_type(ours, block_type(t))
+            weight = round_to_type(ours, block_type(plan[s.name]))
             typed[s.name] = (weight, "requantized", sqnr_db(ours, weight.dequantized))
             result.requantized.append(s.name)
         else:
