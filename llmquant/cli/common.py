@@ -17,6 +17,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, positional: str = "mode
     parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                         help="compute dtype (auto: bf16 on CUDA and bf16-capable CPUs, else fp32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    add_trust_flags(parser)
+
+
+def add_trust_flags(parser: argparse.ArgumentParser) -> None:
+    """--allow-pickle and --trust-remote-code: what a loaded source may run."""
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading pickle weights (.bin/.pt); they can run arbitrary code")
     parser.add_argument("--trust-remote-code", action="store_true",

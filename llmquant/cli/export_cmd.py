@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from llmquant.cli.commands import summary
+from llmquant.cli.common import add_trust_flags
 from llmquant.runtime import DTYPE_NAMES
 
 EPILOG = """\
@@ -70,10 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip reading the file back and running it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit (Hub ids only)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow loading pickle weights (.bin/.pt); they can run arbitrary code")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow running model code shipped in the repository")
+    add_trust_flags(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 

@@ -87,21 +87,16 @@ def export(source=None, output: str | os.PathLike = "model.gguf", *, format: str
         partial.unlink(missing_ok=True)
     result.file_bytes = output.stat().st_size
     if verify:
-        python = _llama_cpp(llama_cpp_python)
+        from llmquant.export.gguf.llama_cpp_check import compare_with_llama_cpp, find_llama_cpp_python
+
+        python = find_llama_cpp_python(llama_cpp_python)
         if python is not None:
             from llmquant.data import evaluation_tokens
-            from llmquant.export.gguf.llama_cpp_check import compare_with_llama_cpp
 
             ids = evaluation_tokens(loaded.tokenizer, max_tokens=CHECK_TOKENS).tolist()
             result.llama_cpp = compare_with_llama_cpp(python, output, model, ids)
     _say(progress, f"wrote {output} in {time.perf_counter() - t0:.1f} s")
     return result
-
-
-def _llama_cpp(python: str | None) -> str | None:
-    from llmquant.export.gguf.llama_cpp_check import find_llama_cpp_python
-
-    return find_llama_cpp_python(python)
 
 
 def _say(progress: bool, message: str) -> None:
