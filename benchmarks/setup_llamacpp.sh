@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# llama.cpp (llama-cpp-python) in its own virtual environment, for benchmarks/speed.py, and
-# llama.cpp's own quantizer tools, for benchmarks/gguf_quality.py. A baseline to compare against,
+# llama.cpp (llama-cpp-python) in its own virtual environment, for benchmarks/speed.py, with its
+# OpenAI server's dependencies, for benchmarks/serving.py, and llama.cpp's own quantizer tools, for
+# benchmarks/gguf_quality.py. A baseline to compare against,
 # not a dependency of llmquant. Built from source: 6-12 minutes on 2 cores for llama-cpp-python,
 # about as long again for the tools. Succeeds only once a short generation has run and the tools
 # and the converter start.
@@ -9,6 +10,7 @@
 #
 # What it makes:
 #   $VENV                      llama-cpp-python (speed.py, gguf_quality.py run their llama.cpp side in it)
+#                              and its server's packages (serving.py runs python -m llama_cpp.server)
 #   $VENV/bin/llama-quantize, $VENV/bin/llama-imatrix
 #                              built from the llama.cpp that the same llama-cpp-python sdist vendors
 #                              (same version, same CPU flags), statically linked
@@ -63,6 +65,17 @@ if [ "${LLAMACPP_REBUILD:-0}" = 1 ] || [ -z "$installed_version" ] || \
     CMAKE_ARGS="$CMAKE_ARGS" pip_quiet install --quiet --no-cache-dir --no-binary llama-cpp-python "$VERSION"
 else
     echo "llama-cpp-python $installed_version already installed in $VENV (LLAMACPP_REBUILD=1 to rebuild)"
+fi
+
+# The OpenAI-compatible server (python -m llama_cpp.server, for benchmarks/serving.py): the packages of
+# llama-cpp-python's [server] extra, named here so that pip does not rebuild llama-cpp-python for them.
+if "$PY" -c "import llama_cpp.server.app" 2>/dev/null; then
+    echo "llama_cpp.server's dependencies already installed"
+else
+    pip_quiet install --quiet "uvicorn>=0.22.0" "fastapi>=0.100.0" "pydantic-settings>=2.0.1" \
+        "sse-starlette>=1.6.1" "starlette-context>=0.3.6,<0.4" "PyYAML>=5.1"
+    "$PY" -c "import llama_cpp.server.app" \
+        || { echo "error: llama_cpp.server does not import after installing its dependencies" >&2; exit 1; }
 fi
 
 # ---- llama.cpp's quantizer tools and converter, from the same sdist ------------------------------
@@ -150,4 +163,4 @@ if [ "$rc" -ne 0 ]; then
     fi
     exit 1
 fi
-echo "llama.cpp ready: $PY (benchmarks/speed.py / gguf_quality.py --llamacpp-python $PY)"
+echo "llama.cpp ready: $PY (benchmarks/speed.py / gguf_quality.py / serving.py --llamacpp-python $PY)"

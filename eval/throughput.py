@@ -87,8 +87,10 @@ def offline_throughput(
                 loaded = load_model(model, revision=revision, dtype=dtype, device=device,
                                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
                 load_seconds = time.perf_counter() - t
+            # No prefix cache: the prefill runs reuse the corpus's first tokens at growing lengths,
+            # and each would find the last one's blocks, measuring a cache hit, not a prefill.
             engine = Engine(loaded, max_batch_size=max(batch_sizes), max_waiting=max(batch_sizes) + 1,
-                            max_prefill_tokens=max(4096, max(batch_sizes) * prompt_tokens))
+                            max_prefill_tokens=max(4096, max(batch_sizes) * prompt_tokens), prefix_cache_tokens=0)
             return loaded, load_seconds, engine
 
         # As `llmquant serve` does (serve/setup_thread.py): the engine's thread is then the only

@@ -5,7 +5,8 @@
     for event in engine.generate("Hello", SamplingParams(max_tokens=20)): print(event.text, end="")
     serve("out/", port=8000)                                # what `llmquant serve out/` runs
 
-Files: engine.py (batching loop), kv_cache.py, sampling.py, detokenizer.py, events.py;
+Files: engine.py (batching loop), prefill.py (prefill groups, chunked), prefix_cache.py (prompt
+KV reused across requests), kv_cache.py, limits.py, sampling.py, detokenizer.py, events.py;
 forward/ (the model forward the engine runs: one interface, chosen per model by forward/select.py);
 app.py (routes), protocol.py (request bodies), completions.py / chat.py (responses),
 choices.py / fanout.py (shared plumbing), api_errors.py, metrics.py; server.py (uvicorn,

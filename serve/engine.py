@@ -2,13 +2,18 @@
 
 Every consumer (the HTTP server, eval/, the Python API) submits requests here and receives
 `TokenEvent`s. The loop, in one thread that owns the model:
-1. admits waiting requests, up to `max_batch_size` running sequences and `max_prefill_tokens`
-   (padded) prompt tokens per step, and prefills them together in one left-padded forward pass
-   (one pass over the weights for all of them: an INT4 layer dequantizes once, not once per
-   request); each first token is emitted at once, before the next decode step;
-2. runs one decode step for every running sequence together: the quantized layers see M = batch
+1. admits waiting requests, up to `max_batch_size` sequences in flight and `max_prefill_tokens`
+   (padded) prompt tokens still to compute, as one prefill group (prefill.py): left-padded, one
+   pass over the weights for all of them (an INT4 layer dequantizes once, not once per request),
+   starting after the prompt prefix whose keys and values the prefix cache holds
+   (prefix_cache.py);
+2. computes at most `max_prefill_tokens` padded prompt tokens of the groups in progress, the
+   shortest first: a prompt longer than that is prefilled in chunks over several steps, so
+   neither the running streams nor a short prompt that arrives later wait for all of it; a
+   group whose prompts are done emits its first tokens at once and joins the running batch;
+3. runs one decode step for every running sequence together: the quantized layers see M = batch
    rows, which is where INT4/INT8 kernels pay off;
-3. drops finished and cancelled sequences from the batch and the KV cache before the next step.
+4. drops finished and cancelled sequences from the batch and the KV cache before the next step.
 A request that arrives while others decode joins at the next step.
 """
 
@@ -26,7 +31,10 @@ import torch
 from llmquant.serve import kv_cache
 from llmquant.serve.detokenizer import IncrementalDetokenizer
 from llmquant.serve.forward.probe import probe_ids
-from llmquant.serve.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_PREFILL_TOKENS, DEFAULT_MAX_WAITING
+from llmquant.serve.limits import (DEFAULT_MAX_BATCH, DEFAULT_MAX_WAITING, DEFAULT_PREFIX_CACHE_TOKENS,
+                                   default_max_prefill_tokens)
+from llmquant.serve.prefill import PrefillJob, plan
+from llmquant.serve.prefix_cache import PrefixCache
 from llmquant.serve.forward.select import select_forward
 from llmquant.memory import release_freed_memory
 from llmquant.serve.events import (
@@ -75,12 +83,16 @@ class RequestHandle:
 
 class Engine:
     def __init__(self, loaded, *, max_batch_size: int = DEFAULT_MAX_BATCH, max_waiting: int = DEFAULT_MAX_WAITING,
-                 max_model_len: int | None = None, max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
-                 lean_forward: bool = True):
+                 max_model_len: int | None = None, max_prefill_tokens: int | None = None,
+                 prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS, lean_forward: bool = True):
+        """`max_prefill_tokens`: padded prompt tokens computed per step, and so the chunk size of a
+        longer prompt (default: limits.default_max_prefill_tokens for the model's device);
+        `prefix_cache_tokens`: tokens of prompt keys and values kept for reuse (0: no prefix cache)."""
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = next(self.model.parameters()).device
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens or default_max_prefill_tokens(self.device.type)
+        self._prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         # Sliding-window attention needs no limit here: the cache keeps every column and the
         # window is a mask. transformers builds it from cache columns (query column minus key
         # column below the window), and every row's tokens sit right-aligned in contiguous
@@ -95,6 +107,7 @@ class Engine:
         release_freed_memory()  # what building it freed goes back to the OS, not into the heap
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
+        self._jobs: list[PrefillJob] = []  # prefills in progress (chunked prompts span several steps)
         self._cache = None
         self._mask: torch.Tensor | None = None  # (B, T) 1 where the cache column holds a token of the row
         self._cond = threading.Condition()
@@ -158,7 +171,23 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        """Sequences being prefilled or decoded (vLLM counts both as running)."""
+        return len(self._running) + sum(len(job.seqs) for job in self._jobs)
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Prompt tokens looked up in the prefix cache (0 without one)."""
+        return self._prefix.queries if self._prefix else 0
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Of those, tokens whose keys and values came from the cache instead of being computed."""
+        return self._prefix.hits if self._prefix else 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """hits / queries (0.0 before any lookup)."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
     @property
     def num_waiting(self) -> int:
@@ -169,7 +198,7 @@ class Engine:
         with self._cond:
             self._stopping = True
             if not drain:
-                for seq in itertools.chain(self._waiting, self._running):
+                for seq in itertools.chain(self._waiting, self._running, *(job.seqs for job in self._jobs)):
                     seq.cancelled = True
             self._cond.notify()
         self._thread.join(timeout)
@@ -183,33 +212,37 @@ class Engine:
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
-                admitted = self._take_waiting()
-                if admitted is None:
+                taken = self._take_waiting()
+                if taken is None:
                     return
                 try:
-                    for group in _prefill_groups(admitted):
-                        self._prefill(group)
+                    self._start_prefills(*taken)
+                    self._prefill_step()
                     self._drop_done()
                     if self._running:
                         self._decode_step()
                         self._drop_done()
                 except Exception:  # a bug or an out-of-memory: fail the requests, keep serving
                     log.exception("engine step failed")
-                    self._fail_all(admitted)
+                    self._fail_all(taken[0])
 
-    def _take_waiting(self) -> list[_Sequence] | None:
-        """Requests to prefill now; blocks while there is nothing to do; None when shut down."""
+    def _take_waiting(self) -> tuple[list[_Sequence], list[list]] | None:
+        """Requests to start prefilling now, with the prefix-cache blocks each one's prompt
+        starts with; blocks while there is nothing to do; None when shut down."""
         with self._cond:
-            while not self._running and not self._waiting:
+            while not self._running and not self._waiting and not self._jobs:
                 if self._stopping:
                     return None
                 self._cond.wait(IDLE_WAIT_S)
-            admitted, longest = [], 0
-            while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+            admitted, chains, longest = [], [], 0
+            in_flight = self.num_running
+            while self._waiting and in_flight + len(admitted) < self.max_batch_size:
                 seq = self._waiting[0]
-                # Prompts are prefilled together, left-padded to the longest: that padded size
-                # is what the forward pass costs in time and activation memory.
-                padded = (len(admitted) + 1) * max(longest, len(seq.prompt_ids))
+                chain = self._cached_prefix(seq)
+                todo = len(seq.prompt_ids) - len(chain) * self._prefix.block_size if chain else len(seq.prompt_ids)
+                # Prompts are prefilled together, left-padded to the longest part still to
+                # compute: that padded size is what the forward passes cost in time and memory.
+                padded = (len(admitted) + 1) * max(longest, todo)
                 if admitted and padded > self.max_prefill_tokens:
                     break
                 self._waiting.popleft()
@@ -217,27 +250,67 @@ class Engine:
                     self._finish(seq, FINISH_ABORT)
                     continue
                 admitted.append(seq)
-                longest = max(longest, len(seq.prompt_ids))
-            return admitted
+                chains.append(chain)
+                longest = max(longest, todo)
+            return admitted, chains
 
-    def _prefill(self, group: list[_Sequence]) -> None:
-        """One forward pass over the prompts of `group`, left-padded to the longest; the rows
-        that go on generating join the running batch."""
-        for seq in group:
-            if seq.cancelled:
-                self._finish(seq, FINISH_ABORT)
-        group = [s for s in group if not s.cancelled]
-        if not group:
-            return
-        want_prompt_lp = any(s.params.prompt_logprobs for s in group)  # only ever alone: see _prefill_groups
-        length = max(len(s.prompt_ids) for s in group)
-        pads = [length - len(s.prompt_ids) for s in group]
-        ids = torch.tensor([[0] * p + s.prompt_ids for p, s in zip(pads, group)], device=self.device)  # (G, T)
-        mask = (torch.arange(length, device=self.device)[None] >= torch.tensor(pads, device=self.device)[:, None])
-        mask = mask.long()  # (G, T) 1 on prompt tokens
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its own first token
-        cache = kv_cache.new_cache()
-        logits = self.forward(ids, positions, mask if any(pads) else None, cache, want_prompt_lp)  # (G, T or 1, V)
+    def _cached_prefix(self, seq: _Sequence) -> list:
+        """The prefix-cache blocks `seq`'s prompt starts with. Never the whole prompt: its last
+        token is computed, for the logits of the first generated token. None for prompt
+        logprobs, which need the logits at every prompt position."""
+        if self._prefix is None or seq.params.prompt_logprobs:
+            return []
+        return self._prefix.lookup(seq.prompt_ids, len(seq.prompt_ids) - 1)
+
+    def _start_prefills(self, admitted: list[_Sequence], chains: list[list]) -> None:
+        for group in _prefill_groups(list(zip(admitted, chains))):
+            seqs = [seq for seq, _ in group]
+            lengths = [len(seq.prompt_ids) for seq in seqs]
+            past = None
+            if self._prefix is not None:
+                size = self._prefix.block_size
+                start, used = plan(lengths, [len(chain) * size for _, chain in group])
+                for (seq, _), n in zip(group, used):
+                    if not seq.params.prompt_logprobs:
+                        self._prefix.count(len(seq.prompt_ids), n)
+                if start:
+                    past = self._prefix.gather([chain for _, chain in group], used, start)
+            want_prompt_lp = any(s.params.prompt_logprobs for s in seqs)  # only ever alone: see _prefill_groups
+            self._jobs.append(PrefillJob(seqs, self.device, past, want_prompt_lp))
+
+    def _prefill_step(self) -> None:
+        """Compute up to `max_prefill_tokens` padded prompt tokens of the prefills in progress,
+        the one with the least left first, so a short prompt waits for at most one chunk of a
+        long one; a job passed over in the last step goes first, so a long one is not starved
+        by a stream of short ones. Chunks much smaller than the budget are not worth a pass
+        over the weights: such a job waits for the next step."""
+        budget, ran = self.max_prefill_tokens, False
+        for job in sorted(self._jobs, key=lambda j: (not j.skipped, j.remaining)):
+            keep = [i for i, s in enumerate(job.seqs) if not s.cancelled]
+            if len(keep) < len(job.seqs):
+                for seq in job.seqs:
+                    if seq.cancelled:
+                        self._finish(seq, FINISH_ABORT)
+                job.keep(keep)
+            if not job.seqs:
+                self._jobs.remove(job)
+                continue
+            columns = job.columns(budget)
+            cost = columns * len(job.seqs)
+            if ran and (cost > budget or (cost < job.remaining and 4 * cost < self.max_prefill_tokens)):
+                job.skipped = True
+                continue
+            job.skipped, ran = False, True
+            budget -= cost
+            logits = job.run(self.forward, columns)
+            if logits is not None:
+                self._jobs.remove(job)
+                self._prefilled(job, logits)
+
+    def _prefilled(self, job: PrefillJob, logits: torch.Tensor) -> None:
+        """`job`'s prompts are done (logits (G, W or 1, V)): emit each first token, store the
+        prompts' blocks in the prefix cache; the rows that go on generating join the running batch."""
+        group, pads = job.seqs, job.pads
         survivors = []
         for i, (seq, pad) in enumerate(zip(group, pads)):
             seq.cached = len(seq.prompt_ids)
@@ -252,8 +325,15 @@ class Engine:
             self._next_token(seq, logits[i, -1], prompt_lp)
             if not seq.finished:
                 survivors.append(i)
+        if self._prefix is not None:  # after the first tokens: storing is no reason to delay them
+            for row, (seq, pad) in enumerate(zip(group, pads)):
+                # Not prompts scored for their logprobs (perplexity windows, lm-eval's choices):
+                # only generating requests look prefixes up, and they seldom start with such a text.
+                if not seq.params.prompt_logprobs:
+                    self._prefix.store(seq.prompt_ids, job.cache.layers, row, pad)
         if not survivors:
             return
+        cache, mask = job.cache, job.mask
         lead = min(pads[i] for i in survivors)  # padding columns shared by every surviving row
         if len(survivors) < len(group) or lead:
             cache, mask = kv_cache.keep_rows(cache, survivors, lead), mask[survivors, lead:]
@@ -333,17 +413,18 @@ class Engine:
             seq.cancelled = True
 
     def _fail_all(self, admitted: list[_Sequence]) -> None:
-        for seq in itertools.chain(admitted, self._running):
+        for seq in itertools.chain(admitted, self._running, *(job.seqs for job in self._jobs)):
             if not seq.finished:
                 self._finish(seq, FINISH_ABORT)
-        self._running, self._cache, self._mask = [], None, None
+        self._running, self._jobs, self._cache, self._mask = [], [], None, None
 
 
-def _prefill_groups(admitted: list[_Sequence]) -> list[list[_Sequence]]:
-    """Requests that want prompt logprobs are prefilled alone (they need logits at every prompt
-    position: (T, V) floats, which for a padded group would be G times that); the rest together."""
-    alone = [[s] for s in admitted if s.params.prompt_logprobs]
-    together = [s for s in admitted if not s.params.prompt_logprobs]
+def _prefill_groups(admitted: list[tuple[_Sequence, list]]) -> list[list[tuple[_Sequence, list]]]:
+    """Requests (with their cached prefix blocks) that want prompt logprobs are prefilled alone
+    (they need logits at every prompt position: (T, V) floats, which for a padded group would be
+    G times that); the rest together."""
+    alone = [[a] for a in admitted if a[0].params.prompt_logprobs]
+    together = [a for a in admitted if not a[0].params.prompt_logprobs]
     return alone + ([together] if together else [])
 
 

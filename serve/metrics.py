@@ -1,12 +1,14 @@
 """Prometheus metrics for `GET /metrics`, one registry per app (tests run several apps).
 
 Names follow vLLM's where the meaning is the same (time to first token, time per output
-token, end-to-end latency, running and waiting sequences), prefixed `llmquant:`.
+token, end-to-end latency, running and waiting sequences, prefix cache queries and hits: the hit
+rate is hits / queries), prefixed `llmquant:`.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
@@ -32,10 +34,26 @@ class Metrics:
                               buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("llmquant:e2e_request_latency_seconds", "Time from arrival to the last token",
                              buckets=E2E_BUCKETS, registry=r)
-        running = Gauge("llmquant:num_requests_running", "Sequences in the running batch", registry=r)
+        running = Gauge("llmquant:num_requests_running", "Sequences being prefilled or decoded", registry=r)
         waiting = Gauge("llmquant:num_requests_waiting", "Sequences waiting to be admitted", registry=r)
         running.set_function(lambda: engine.num_running)
         waiting.set_function(lambda: engine.num_waiting)
+        r.register(_PrefixCacheCounters(engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PrefixCacheCounters:
+    """The engine's prefix-cache counters, read at each scrape (the engine counts; a Counter here
+    would need the engine to call into the app)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily("llmquant:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  value=getattr(self.engine, "prefix_cache_queries", 0))
+        yield CounterMetricFamily("llmquant:prefix_cache_hits",
+                                  "Prompt tokens whose keys and values came from the prefix cache",
+                                  value=getattr(self.engine, "prefix_cache_hits", 0))

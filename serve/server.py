@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from llmquant.errors import InvalidConfigError, LLMQuantError
-from llmquant.serve.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAITING
+from llmquant.serve.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAITING, DEFAULT_PREFIX_CACHE_TOKENS
 
 API_KEY_ENV = "LLMQUANT_API_KEY"
 DEFAULT_HOST = "127.0.0.1"
@@ -79,8 +79,10 @@ def serve(model=None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api
           max_batch_size: int = DEFAULT_MAX_BATCH, max_waiting: int = DEFAULT_MAX_WAITING,
           revision: str | None = None, dtype: str = "auto", device: str | None = None, allow_pickle: bool = False,
           trust_remote_code: bool = False, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S, log_level: str = "info",
-          ready_message: bool = True, lean_forward: bool = True) -> None:
-    """Serve `model` (any source `llmquant.load_model` takes; None: the demo model) on host:port."""
+          ready_message: bool = True, lean_forward: bool = True, max_prefill_tokens: int | None = None,
+          prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS) -> None:
+    """Serve `model` (any source `llmquant.load_model` takes; None: the demo model) on host:port.
+    `max_prefill_tokens` and `prefix_cache_tokens`: see `Engine`."""
     if not 1 <= port <= 65535:
         raise InvalidConfigError(f"--port must be between 1 and 65535, got {port}.")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -101,7 +103,8 @@ def serve(model=None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api
             loaded = load_model(model, revision=revision, dtype=dtype, device=device, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code)
             return loaded, Engine(loaded, max_batch_size=max_batch_size, max_waiting=max_waiting,
-                                  max_model_len=max_model_len, lean_forward=lean_forward)
+                                  max_model_len=max_model_len, lean_forward=lean_forward,
+                                  max_prefill_tokens=max_prefill_tokens, prefix_cache_tokens=prefix_cache_tokens)
 
         # In a thread that ends: the engine's thread is then the only one with OpenMP workers
         # (setup_thread.py says why that makes decoding several times faster on CPU).

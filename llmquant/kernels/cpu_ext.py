@@ -23,7 +23,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent / "csrc"
-SOURCES = [HERE / name for name in ("cpu_decode_matmul.cpp", "cpu_decode_steps.cpp", "cpu_decode_stack.cpp")]
+SOURCES = [HERE / name for name in ("cpu_decode_matmul.cpp", "cpu_amx_matmul.cpp", "cpu_dequantize.cpp",
+                                           "cpu_decode_steps.cpp", "cpu_decode_stack.cpp")]
 ENV_SWITCH = "LLMQUANT_CPU_KERNELS"
 
 

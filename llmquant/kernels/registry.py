@@ -11,6 +11,8 @@ matmul); `select_kernel` takes the first of FAST_KERNELS that applies, else `Deq
   path is 10-30x slower).
 - CUDA: tinygemm `_weight_int4pack_mm` for INT4 groups up to 16 rows; `_scaled_mm` for FP8
   weights with FP8 activations (compute capability 8.9+).
+- CPU, INT4 groups of a multiple of 64, more rows (prefill): a compiled dequantization from the
+  few-row kernel's packed layout, then `F.linear` (bit-identical to the next line, faster).
 - Everything else, and more rows (prefill, perplexity): dequantize to the compute dtype, then
   `F.linear`.
 The row limits follow benchmarks/kernels_cpu.py; docs/kernels.md gives the reasons. A fast kernel
@@ -81,6 +83,36 @@ class Int4DotCpu:
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.ext.int4_linear(x, self.packed, self.scale, self.offset, None)
+
+
+class Int4DequantCpu:
+    """INT4 groups of a multiple of 64, many rows (prefill): the weight dequantized in one
+    compiled pass from the few-row kernel's packed layout (the same bytes, shared with it through
+    the layer's kernel cache), then the float matmul. Bit-identical to `DequantMatmul`, whose
+    PyTorch-op dequantization cost more than the matmul itself (kernels_cpu.md)."""
+
+    name = "int4_dequant_cpu"
+    quantizes_activations = False
+
+    @staticmethod
+    def applies(layer, device: torch.device, rows: int) -> bool:
+        w = layer.scheme.weights
+        return (device.type == "cpu" and rows > CPU_LOWBIT_MAX_ROWS and w.type == INT and w.num_bits == 4
+                and w.strategy == "group" and w.group_size % 64 == 0 and layer.in_features % w.group_size == 0
+                and layer.scheme.input_activations is None and cpu_ext.fast() is not None)
+
+    def __init__(self, layer, device: torch.device, dtype: torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise NotImplementedError(f"no {dtype} output")
+        key = (Int4DotCpu.name, device, dtype)
+        packed = layer.kernel_cache.get(key)
+        if not packed:
+            packed = layer.kernel_cache[key] = Int4DotCpu(layer, device, dtype)
+        self.packed, self.dtype = packed, dtype
+
+    def __call__(self, x: Tensor) -> Tensor:
+        p = self.packed
+        return F.linear(x, p.ext.int4_dequantize(p.packed, p.scale, p.offset, self.dtype))
 
 
 class Int8DotCpu:
@@ -235,7 +267,7 @@ class Fp8ScaledMmCuda:
         return y[:rows].to(x.dtype)
 
 
-FAST_KERNELS = (Int4DotCpu, Int8DotCpu, Int4PackCpu, Int8PackCpu, Int4PackCuda, Fp8ScaledMmCuda)
+FAST_KERNELS = (Int4DotCpu, Int8DotCpu, Int4PackCpu, Int4DequantCpu, Int8PackCpu, Int4PackCuda, Fp8ScaledMmCuda)
 
 
 def _scales_and_zeros(layer, dtype: torch.dtype) -> Tensor:

@@ -90,8 +90,8 @@ class TorchSteps:
     def __init__(self, lean: "LeanForward"):
         self.lean = lean
 
-    def decode_one(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None, cache) -> Tensor | None:
-        """A whole batch-1 decode step done another way, or None to run the layer loop (always, here)."""
+    def decode_step(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None, cache) -> Tensor | None:
+        """A whole decode step (one token per row) done another way, or None to run the layer loop (always, here)."""
         return None
 
     def rotary(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -198,8 +198,8 @@ class LeanForward(Forward):
     def __call__(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None, cache,
                  all_logits: bool) -> Tensor:
         steps = self.steps
-        if input_ids.numel() == 1:  # one row, one token: its logits are the last position's either way
-            logits = steps.decode_one(input_ids, position_ids, attention_mask, cache)
+        if input_ids.shape[1] == 1:  # one token per row: its logits are the last position's either way
+            logits = steps.decode_step(input_ids, position_ids, attention_mask, cache)
             if logits is not None:
                 return logits
         batch, length = input_ids.shape

@@ -74,6 +74,20 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 at::Tensor int8_linear_float(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                              const c10::optional<at::Tensor>& bias);
 
+// Many-row 4-bit matmuls on AMX tiles (cpu_amx_matmul.cpp); amx_ready() says whether they run here.
+bool amx_ready();
+std::vector<at::Tensor> int4_amx_pack(const at::Tensor& packed, const at::Tensor& scale,
+                                      const c10::optional<at::Tensor>& offset);
+at::Tensor int4_linear_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                           const at::Tensor& offset, const c10::optional<at::Tensor>& bias);
+at::Tensor int8_amx_pack(const at::Tensor& weight);
+at::Tensor int8_linear_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                           const c10::optional<at::Tensor>& bias);
+
+// 4-bit weights dequantized from the few-row layout, for prefill (cpu_dequantize.cpp).
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& offset,
+                           at::ScalarType dtype);
+
 // Steps around them (cpu_decode_steps.cpp).
 at::Tensor rms_norm(at::Tensor x, const at::Tensor& weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps);

@@ -94,6 +94,23 @@ def test_fast_cpu_kernels_are_used_where_they_apply():
     assert {k[0] for k, v in q8.kernel_cache.items() if v} == {one_row.replace("4", "8"), "int8pack_cpu"}
 
 
+@pytest.mark.parametrize("name", ["W4A16", "W4A16_ASYM"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_dequantization_is_bit_identical(name, dtype):
+    """Many rows (a prompt): the compiled dequantization gives exactly the weights of the
+    PyTorch-op path, so prefill logits do not change with it."""
+    from llmquant.kernels import cpu_ext
+    from llmquant.kernels.registry import DequantMatmul, select_kernel
+
+    if cpu_ext.fast() is None:
+        pytest.skip("needs the compiled CPU kernels")
+    _, q = _layer(name)
+    x = torch.randn(300, 576).to(dtype)
+    kernel = select_kernel(q, x)
+    assert kernel.name == "int4_dequant_cpu"
+    assert torch.equal(kernel(x), DequantMatmul(q, x.device, dtype)(x))
+
+
 def test_model_dtype_cast_keeps_quantized_storage():
     _, q = _layer("FP8")
     q = q.to(torch.bfloat16)
