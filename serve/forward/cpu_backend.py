@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmquant.kernels import cpu_ext
-from llmquant.kernels.registry import Int4DotCpu, Int8DotCpu, select_kernel
+from llmquant.kernels.registry import CPU_INT4_DOT_MAX_ROWS, Int4DotCpu, Int8DotCpu, select_kernel
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.serve.forward.lean import LeanForward
 from llmquant.serve.forward.masks import attention_mask, decode_key_mask
@@ -130,6 +130,11 @@ class CpuSteps:
         self.lean = lean
         self.ext = ext = cpu_ext.fast()
         self.stack = decode_stack(ext, lean)
+        # With AMX the stack's 4-bit projections take any number of rows on tiles. Without it they
+        # run the vector kernels, ahead of torch's int4pack only up to CPU_INT4_DOT_MAX_ROWS rows
+        # (benchmarks/results/kernels_cpu.md): larger batches keep the Python layer loop and the
+        # kernels registry.py picks for their size.
+        self.stack_rows = 1 << 30 if ext.amx_ready() else CPU_INT4_DOT_MAX_ROWS
         head = lean.lm_head
         # Only over a 16-bit head: its logits already carry bf16/fp16 rounding, and the int8 copy
         # adds error of that order (KL 0.002 nats/token on the demo model's probe). A float32
@@ -142,8 +147,8 @@ class CpuSteps:
     def decode_step(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None, cache) -> Tensor | None:
         """A decode step (one new token per row, any number of rows) through the C++ stack: grow
         the cache buffers, run, expose the new column. None where the stack does not apply (no
-        stack, or a cache not yet prefilled)."""
-        if self.stack is None or cache is None or not cache.layers \
+        stack, a cache not yet prefilled, or more rows than the stack's kernels serve well)."""
+        if self.stack is None or input_ids.shape[0] > self.stack_rows or cache is None or not cache.layers \
                 or not all(type(layer) is GrowingLayer and layer.key_buffer is not None for layer in cache.layers):
             return None
         layers, lean = cache.layers, self.lean
