@@ -133,21 +133,20 @@ def test_one_baseline_per_split_matches_its_result_file():
 
 
 def test_readme_speed_table_quotes_the_current_serving_results():
-    """Each rate in the README's speed table is a row of serving.json (runner, clients and
-    output tok/s, TTFT where given), whose machine the section names."""
+    """Each row of the README's speed table is a row of serving.json (engine, model, streams,
+    output tok/s, TTFT p50 / p99 and TPOT p50 in ms), whose CPU the section names."""
     results = json.loads((RESULTS / "serving.json").read_text())
-    measured = {}
-    for r in results["rows"]:
-        runner = "serve" if "serve" in r["engine"] else "generate()"
-        clients = r.get("concurrency", r.get("batch"))
-        measured[(r["model"], runner, clients, round(r["output_tokens_per_s"], 1))] = r.get("ttft_p50_s")
+    measured = {(r["model"], r["engine"], r["concurrency"]): r for r in results["rows"] if "concurrency" in r}
     section = _section(README.read_text(), "## What it gains: speed")
-    assert "serving.md" in section and "Xeon" in results["meta"]["device"] and "Xeon" in section
-    rows = _table_rows(section)[1:]
-    assert len(rows) >= 4
+    assert "serving.md" in section and "Xeon" in results["meta"]["cpu"] and "Xeon" in section
+    header, *rows = _table_rows(section)
+    model = header[0].split()[0]  # "W4A16 group 64 (...)": the table's model
+    assert len(rows) >= 9
     for cells in rows:
-        runner = "serve" if "serve" in cells[1] else "generate()"
-        key = (cells[0].split()[0], runner, int(cells[2]), float(cells[3]))
-        assert key in measured, cells
-        if cells[4]:
-            assert round(measured[key], 3) == float(cells[4].removesuffix(" s")), cells
+        engine = next(e for e in ("llmquant serve", "vLLM CPU", "llama.cpp server") if e in cells[0])
+        row = next(r for (m, e, c), r in measured.items()
+                   if m == model and e.startswith(engine) and c == int(cells[1]))
+        assert round(row["output_tokens_per_s"], 1) == float(cells[2]), cells
+        p50, p99 = (float(v) for v in cells[3].removesuffix(" ms").split(" / "))
+        assert (round(row["ttft_p50_s"] * 1000), round(row["ttft_p99_s"] * 1000)) == (p50, p99), cells
+        assert round(row["tpot_p50_s"] * 1000) == float(cells[4].removesuffix(" ms")), cells
