@@ -104,10 +104,9 @@ class Int4DequantCpu:
     def __init__(self, layer, device: torch.device, dtype: torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16):
             raise NotImplementedError(f"no {dtype} output")
-        key = (Int4DotCpu.name, device, dtype)
-        packed = layer.kernel_cache.get(key)
-        if not packed:
-            packed = layer.kernel_cache[key] = Int4DotCpu(layer, device, dtype)
+        # The few-row kernel's packed bytes when it was prepared (and passed its check); else a
+        # layout of our own, not cached under its name, so select_kernel never skips that check.
+        packed = layer.kernel_cache.get((Int4DotCpu.name, device, dtype)) or Int4DotCpu(layer, device, dtype)
         self.packed, self.dtype = packed, dtype
 
     def __call__(self, x: Tensor) -> Tensor:
