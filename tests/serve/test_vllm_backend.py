@@ -23,6 +23,9 @@ from llmquant.serve.vllm_backend import (CPU_ENV_DEFAULTS, VLLM_ENTRYPOINT, VLLM
                                          choose_vllm_python, cpu_settings, probe_vllm, vllm_available, vllm_command,
                                          vllm_launch)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # after llmquant: tests/ must not shadow it
+from conftest import build_tiny_tokenizer, make_tiny_model_dir  # noqa: E402  (tests/conftest.py: tiny models)
+
 FAKE_ENV_KEYS = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_INT4_W4A8", "VLLM_API_KEY", "PYTHONPATH")
 FAKE_API_SERVER = f"""\
 import json, os, sys
@@ -222,16 +225,11 @@ def w4a16_dir(tmp_path_factory):
       asks Linux for the AMX permission (arch_prctl). vLLM's AMX WNA16 kernel does not ask, and on
       an AMX CPU it dies with SIGILL when no layer above 1 MiB stayed unquantized (the tiny test
       model's 512 x 128 head goes to another kernel)."""
-    import importlib.util
-
     from llmquant import quantize
 
-    spec = importlib.util.spec_from_file_location("llmquant_tests_root_conftest", Path(__file__).parents[1] / "conftest.py")
-    shared = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shared)  # tests/conftest.py: the shared tiny-model builder
     root = tmp_path_factory.mktemp("vllm")
-    source = shared.make_tiny_model_dir(root / "tiny", hidden=256, intermediate=512, heads=4, kv_heads=2,
-                                        tokenizer=shared.build_tiny_tokenizer(vocab_size=4096))
+    source = make_tiny_model_dir(root / "tiny", hidden=256, intermediate=512, heads=4, kv_heads=2,
+                                 tokenizer=build_tiny_tokenizer(vocab_size=4096))
     out = root / "tiny-w4a16"
     quantize(source, scheme="W4A16", group_size=32, output=out, verify=False, progress=False)
     return out

@@ -10,6 +10,7 @@ up as different logits, not just as a file that loads.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ gguf = pytest.importorskip("gguf")
 from llmquant.errors import UnsupportedArchitectureError  # noqa: E402
 from llmquant.export.gguf.architectures import gguf_architecture, supported_model_types  # noqa: E402
 from llmquant.export.gguf.tokenizer import UnsupportedTokenizerError, write_tokenizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # after llmquant: tests/llmquant must not shadow it
+from conftest import load_test_helper  # noqa: E402  (tests/conftest.py: loads tests/architectures.py once)
 
 # Architectures transformers' GGUF loader can read back (others are checked in llama.cpp by hand).
 ROUND_TRIP = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
@@ -73,26 +77,13 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits[0].float()
 
 
-def _architectures_helper():
-    """tests/architectures.py, loaded by path once under conftest's key (the test folders are not packages)."""
-    import importlib.util
-    import sys
-
-    key = "llmquant_tests_architectures"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).parents[2] / "architectures.py")
-        sys.modules[key] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[key])
-    return sys.modules[key]
-
-
 def _gemma_dir(model_type: str, path: Path, tokenizer) -> Path:
     """tests/architectures.py's tiny Gemma as real Gemmas are: tied embeddings, and a query scale of
     1/sqrt(head_dim) (the tiny config keeps transformers' default 256 with head_dim 16, which
     llama.cpp cannot express — test_gemma_query_scale_mismatch_is_refused)."""
     from transformers import AutoModelForCausalLM
 
-    config = _architectures_helper().build_config(model_type, tokenizer)
+    config = load_test_helper("architectures").build_config(model_type, tokenizer)
     config.tie_word_embeddings, config.query_pre_attn_scalar = True, config.head_dim
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
