@@ -1,4 +1,4 @@
-"""The lean forward's steps as compiled CPU kernels (llmquant/kernels/csrc), and its batch-1 decode in C++.
+"""The lean forward's steps as compiled CPU kernels (llmquant/kernels/csrc), and its decode steps in C++.
 
 At batch 1 a 135M-parameter model's decode step on two cores has about 10 ms of arithmetic
 and memory traffic, so every PyTorch op that is not a matmul (a few microseconds each, some 40
@@ -10,14 +10,14 @@ layer loop (lean.py) as one compiled call:
     decode_attention(q, cache)          one query token per row (SDPA for prefill)
     silu_mul(gate_up)
 
-For one sequence and one new token (batch-1 decode) the whole layer loop runs in C++
-(`DecodeStack` in cpu_decode_stack.cpp): it is built here from the lean forward's own
-`LeanLayer`s (the same tensors, nothing copied) and the layers' one-row kernels (the int8-dot
-kernels of llmquant/kernels/registry.py, or a float matmul for float layers), chosen once
-instead of per call.
+For one new token per row (a decode step) the whole layer loop runs in C++ (`DecodeStack` in
+cpu_decode_stack.cpp): it is built here from the lean forward's own `LeanLayer`s (the same
+tensors, nothing copied) and the layers' kernels (the int8-dot kernels of
+llmquant/kernels/registry.py, with their AMX tile layout on CPUs that have AMX, or a float matmul
+for float layers), chosen once instead of per call.
 
 The lm_head, when it is a float Linear (it usually is: tied to the embeddings and kept out of
-quantization), also gets an INT8 per-row copy for one to eight rows, as llama.cpp keeps its
+quantization), also gets an INT8 per-row copy for decode steps, as llama.cpp keeps its
 output matrix in Q8_0: it is the largest single matrix of a small model (49152 x 576 in the
 demo model: 56 MB of bf16 read per token, 28 MB as int8). Only 16-bit heads get it; a float32
 model keeps its exact logits.
@@ -106,7 +106,7 @@ def one_row_kernel(ext, module: nn.Module, dtype):
 
 
 def decode_stack(ext, lean: LeanForward):
-    """The C++ layer loop over `lean`'s layers for batch-1 decode, or None when a projection has
+    """The C++ layer loop over `lean`'s layers for decode steps, or None when a projection has
     no one-row kernel or the layers' sliding windows differ (the loop applies one key mask to
     every layer)."""
     if len({layer.window for layer in lean.layers}) > 1:
@@ -122,7 +122,7 @@ def decode_stack(ext, lean: LeanForward):
 
 
 class CpuSteps:
-    """The lean forward's steps on the compiled CPU kernels; batch-1 decode in C++ (`stack`)."""
+    """The lean forward's steps on the compiled CPU kernels; decode steps in C++ (`stack`)."""
 
     name = "CPU kernels"
 

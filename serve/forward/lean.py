@@ -14,7 +14,7 @@ arithmetic, on the model's own weights (nothing is copied, except where projecti
 
 The model is described once (`LeanLayer`s: norms, fused projections, sliding window) and run
 by one layer loop (`LeanForward.__call__`) over a set of steps: `TorchSteps` (PyTorch ops, any
-device) or the compiled CPU kernels (cpu_backend.CpuSteps, which also runs the batch-1 decode
+device) or the compiled CPU kernels (cpu_backend.CpuSteps, which also runs decode steps' layer
 loop in C++ over these same layers).
 
 `LeanForward.supports(model)` says whether a model has this shape (Llama, Mistral, Qwen2 and

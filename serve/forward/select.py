@@ -1,7 +1,7 @@
 """`select_forward`: the one place that decides which forward runs a model.
 
 In order of preference:
-1. the lean forward (lean.py) on the compiled CPU kernels with the C++ batch-1 decode loop
+1. the lean forward (lean.py) on the compiled CPU kernels with the C++ decode loop
    (cpu_backend.py), on CPU where they are compiled, for a bf16 or float32 model;
 2. the lean forward on PyTorch ops;
 3. transformers' own forward, right for every model: what every other architecture gets, and
