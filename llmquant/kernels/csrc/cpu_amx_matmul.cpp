@@ -132,7 +132,7 @@ AmxRows quantize_for_tiles(const T* x, int64_t rows, int64_t k) {
   a.q.assign(padded * k, 0);
   a.scale.resize(rows * blocks);
   a.sum.resize(rows * blocks);
-  at::parallel_for(0, rows * blocks, 64, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, rows * blocks, work_grain(BLOCK, 64), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / blocks, b = i % blocks;
       const T* src = x + m * k + b * BLOCK;
@@ -165,7 +165,7 @@ template <typename T>
 void int4_amx_rows(const AmxRows& a, int64_t rows, int64_t k, const uint8_t* packed, const float* scale,
                    const int32_t* offset, const T* bias, T* out, int64_t n_out) {
   const int64_t blocks = k / BLOCK, chunks = (rows + TILE_ROWS - 1) / TILE_ROWS;
-  at::parallel_for(0, n_out / TILE_COLS, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, n_out / TILE_COLS, work_grain(TILE_COLS * rows * k, 1), [&](int64_t g0, int64_t g1) {
     configure_tiles();
     alignas(64) uint8_t weights[TILE_ROWS * 64];
     alignas(64) int32_t products[TILE_ROWS * TILE_COLS];
@@ -227,7 +227,7 @@ void int8_amx_rows(const c10::BFloat16* x, int64_t rows, int64_t k, const int8_t
                    const T* bias, float* out, int64_t n_out) {
   const int64_t kblocks = k / BF16_TILE_K, chunks = (rows + TILE_ROWS - 1) / TILE_ROWS;
   const int64_t tile_bytes = TILE_COLS * BF16_TILE_K;  // int8 weights per tile
-  at::parallel_for(0, n_out / TILE_COLS, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, n_out / TILE_COLS, work_grain(TILE_COLS * rows * k, 1), [&](int64_t g0, int64_t g1) {
     configure_tiles();
     std::vector<c10::BFloat16> widened(kblocks * TILE_COLS * BF16_TILE_K);
     alignas(64) float products[TILE_ROWS * TILE_COLS];

@@ -21,6 +21,19 @@ namespace llmquant_cpu {
 constexpr int64_t BLOCK = 64;    // activation block: one int8 scale per 64 values
 constexpr int64_t MAX_ROWS = 8;  // few-row kernels: rows share each weight block read
 
+// A parallel region costs waking the other threads and, on a machine whose cores are busy with
+// other work, waiting until each of them is scheduled again: for tiny layers that wait was
+// thousands of times the work (a test suite of tiny models ran 30x slower beside one other
+// busy process). So a chunk of work given to a thread holds at least this many multiply-adds
+// (about 10 us); smaller operations run on the calling thread alone.
+constexpr int64_t MIN_PARALLEL_WORK = 1 << 16;
+
+// The at::parallel_for grain for units of `work_per_unit` multiply-adds each (at least `min_grain`).
+inline int64_t work_grain(int64_t work_per_unit, int64_t min_grain) {
+  const int64_t per = std::max<int64_t>(1, work_per_unit);
+  return std::max<int64_t>(min_grain, (MIN_PARALLEL_WORK + per - 1) / per);
+}
+
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 

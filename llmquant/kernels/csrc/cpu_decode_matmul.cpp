@@ -203,7 +203,7 @@ template <typename T, typename S>
 void int4_rows(const QuantizedRows& a, int64_t rows, int64_t k, const Int4Weights<S>& w, const T* bias, T* out,
                int64_t n_out) {
   const int64_t blocks = k / BLOCK;
-  at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, n_out, work_grain(rows * k, 16), [&](int64_t n0, int64_t n1) {
 #if LLMQUANT_VNNI
     if (rows == 1) {
       prefetch_ahead(w.packed + n0 * blocks * 32 - PREFETCH_DISTANCE, PREFETCH_DISTANCE);  // the lead-in
@@ -327,7 +327,7 @@ template <typename T>
 void int8_rows(const QuantizedRows& a, int64_t rows, int64_t k, const int8_t* weight, const float* scale,
                const int32_t* wsum, const T* bias, T* out, int64_t n_out) {
   const int64_t blocks = k / BLOCK;
-  at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, n_out, work_grain(rows * k, 16), [&](int64_t n0, int64_t n1) {
 #if LLMQUANT_VNNI
     if (rows == 1) {
       prefetch_ahead(weight + n0 * k - PREFETCH_DISTANCE, PREFETCH_DISTANCE);  // the lead-in
@@ -436,7 +436,7 @@ inline void int8_float_tile(const float* x, int64_t k, const int8_t* weight, con
 template <typename T>
 void int8_float_rows(const std::vector<float>& x, int64_t rows, int64_t k, const int8_t* weight, const float* scale,
                      const T* bias, T* out, int64_t n_out) {
-  at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, n_out, work_grain(rows * k, 16), [&](int64_t n0, int64_t n1) {
 #if LLMQUANT_VNNI
     prefetch_ahead(weight + n0 * k - PREFETCH_DISTANCE, PREFETCH_DISTANCE);  // the lead-in
     if (rows == 1) {

@@ -11,7 +11,7 @@ namespace {
 // With `delta`, first x += delta (rounded to x's dtype, as `x = x + delta`), in place.
 template <typename T>
 void rms_norm_rows(T* x, const T* delta, const T* w, T* out, int64_t rows, int64_t h, float eps) {
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, work_grain(h, 64), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* xr = x + r * h;
       T* outr = out + r * h;
@@ -77,7 +77,7 @@ at::Tensor add_rms_norm_(at::Tensor& x, const at::Tensor& delta, const at::Tenso
 namespace {
 template <typename T>
 void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t inter) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, work_grain(inter, 16), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* g = gu + r * 2 * inter;
       const T* u = g + inter;
@@ -120,7 +120,7 @@ namespace {
 template <typename T>
 void rope_rows(T* qkv, const T* cos, const T* sin, int64_t rows, int64_t width, int64_t heads, int64_t d) {
   const int64_t half = d / 2;
-  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, work_grain(heads * d, 8), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* c = cos + r * d;
       const T* s = sin + r * d;

@@ -14,7 +14,7 @@ namespace {
 template <typename S, typename T>
 void dequantize_rows(const uint8_t* packed, const S* scale, const int32_t* offset, T* out, int64_t n, int64_t k) {
   const int64_t blocks = k / BLOCK;
-  at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, n, work_grain(k, 16), [&](int64_t n0, int64_t n1) {
     for (int64_t row = n0; row < n1; ++row)
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t i = row * blocks + b;
