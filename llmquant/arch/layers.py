@@ -8,14 +8,12 @@ from llmquant.errors import InvalidConfigError
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of repeated decoder blocks: the one holding the most Linear layers (float or,
-    in a quantized model, QuantizedLinear)."""
-    from llmquant.quant.linear import QuantizedLinear
-
+    """The ModuleList of repeated decoder blocks: the one holding the most linear layers (float,
+    quantized, or being trained by self-distillation: anything with in_features and out_features)."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            n = sum(isinstance(m, (nn.Linear, QuantizedLinear)) for m in module.modules())
+            n = sum(hasattr(m, "in_features") and hasattr(m, "out_features") for m in module.modules())
             if n and (best is None or n > best[0]):
                 best = (n, name, module)
     if best is None:

@@ -18,6 +18,14 @@ examples:
   llmquant distill --recipe configs/distill/layer_drop_kd.yaml --output student/
   llmquant distill --student-layers 15 --qat-scheme W4A16 --qat-group-size 64 --output smol-15L-w4a16
   llmquant distill org/teacher --student-layers 15 --teacher-endpoint http://127.0.0.1:8000/v1 --output s/
+  llmquant distill org/model --self model-W4A16/ --steps 200 --output model-W4A16-sd/
+
+Self-distillation (--self QUANTIZED): the teacher is the original model and the student its own
+quantized folder; only what the checkpoint format can hold trains (scales, zero points, norms;
+--self-train adds rounding), first each decoder layer against the original's outputs
+(--block-steps), then --steps end-to-end steps on the original's top-k log-probs (KL with a
+bucket for the rest of the vocabulary; --self-loss ce trains on plain cross-entropy instead).
+The output is the same compressed-tensors checkpoint, verified against the original.
 
 The student: --student-layers N keeps the N decoder layers that change the residual stream
 most on training text (1 - cos(input, output)); --keep-layers lists them instead;
@@ -96,6 +104,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train through this `llmquant quantize` scheme's grid (W4A16, W8A16, W8A8, ...) and save "
                    "the quantized checkpoint")
     q.add_argument("--qat-group-size", type=int, default=None, help="INT4 group size (default: one that fits)")
+    sd = p.add_argument_group("self-distillation (the teacher's own quantized copy as the student)")
+    sd.add_argument("--self", dest="self_quantized", default=None, metavar="QUANTIZED",
+                    help="a folder from `llmquant quantize` of the teacher: train its scales / zero points / norms "
+                    "to match the teacher (uses --steps, --batch-size, --seq-len, --lr, --seed, --top-k, --data)")
+    sd.add_argument("--block-steps", type=int, default=None, metavar="N",
+                    help="steps per decoder layer before the end-to-end steps (default 40; 0: skip)")
+    sd.add_argument("--self-train", nargs="+", default=None, metavar="PART",
+                    choices=("scales", "zero_points", "rounding", "norms"),
+                    help="what trains: scales, zero_points, rounding, norms (default: scales zero_points norms)")
+    sd.add_argument("--self-loss", choices=("kl", "ce"), default=None,
+                    help="kl: the teacher's top-k log-probs (default); ce: cross-entropy, no teacher")
+    sd.add_argument("--rounding-lr", type=float, default=None,
+                    help="learning rate of zero points and rounding offsets, in integer steps (default 0.005)")
+    sd.add_argument("--tokens", type=int, default=None,
+                    help="calibration tokens trained on (default 65536)")
     h = p.add_argument_group("publish")
     h.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="then publish the output folder to this Hub repository with a model card "
@@ -105,7 +128,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+# Flags that shape a student or a KD loss: meaningless with --self (the student is the quantized folder).
+NOT_WITH_SELF = ("student_layers", "keep_layers", "intermediate_size", "num_key_value_heads", "student_config",
+                 "grad_accum", "mixed_precision", "optimizer", "eval_every", "eval_tokens", "save_every",
+                 "divergence", "temperature", "kd_weight", "hidden_weight", "teacher_mode", "teacher_cache",
+                 "teacher_endpoint", "teacher_endpoint_model", "qat_scheme", "qat_group_size", "recipe")
+SELF_ONLY = ("block_steps", "self_train", "self_loss", "rounding_lr", "tokens")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.self_quantized is not None:
+        return run_self(args)
+    given = [f"--{k.replace('_', '-')}" for k in SELF_ONLY if getattr(args, k) is not None]
+    if given:
+        from llmquant.errors import InvalidConfigError
+
+        raise InvalidConfigError(f"{', '.join(given)} belong to self-distillation: add --self QUANTIZED_FOLDER.")
     from llmquant.distill.api import distill
 
     result = distill(
@@ -130,6 +168,35 @@ def run(args: argparse.Namespace) -> int:
     if result.quantization:
         print(f"quantized {result.quantization['scheme']}")
     print(f"saved {result.output_dir} in {result.seconds:.1f} s (report: {result.output_dir}/distill_report.json)")
+    if result.push is not None:
+        print(f"pushed to {result.push.pr_url or result.push.commit_url}")
+    sys.stdout.flush()
+    return 0
+
+
+def run_self(args: argparse.Namespace) -> int:
+    from llmquant.distill.self_api import self_distill
+    from llmquant.errors import InvalidConfigError
+
+    given = [f"--{k.replace('_', '-')}" for k in NOT_WITH_SELF if getattr(args, k, None) is not None]
+    if given:
+        raise InvalidConfigError(f"{', '.join(given)} cannot be used with --self: the student is the quantized "
+                                 "folder and the loss is fixed by --self-loss.")
+    result = self_distill(
+        args.teacher, args.self_quantized, output=args.output, dataset=args.dataset, text_field=args.text_field,
+        checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+        push_to_hub=args.push_to_hub, private=args.private, steps=args.steps, block_steps=args.block_steps,
+        lr=args.lr, rounding_lr=args.rounding_lr, tokens=args.tokens, batch_size=args.batch_size,
+        seq_len=args.seq_len, train=args.self_train, loss=args.self_loss, top_k=args.top_k, seed=args.seed,
+        **model_kwargs(args))
+    h = result.report["held_out"]
+    print(f"\nheld-out perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} "
+          f"(original {h['perplexity_original']:.3f})")
+    if result.verification:
+        v = result.verification
+        print(f"verification (reloaded vs original): mean KL {v['kl_mean']:.5f}, top-1 agreement "
+              f"{100 * v['top1_agreement']:.2f}% over {v['tokens']} held-out tokens")
+    print(f"saved {result.output_dir} in {result.seconds:.1f} s (report: {result.output_dir}/quantization_report.md)")
     if result.push is not None:
         print(f"pushed to {result.push.pr_url or result.push.commit_url}")
     sys.stdout.flush()

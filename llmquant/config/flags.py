@@ -27,9 +27,10 @@ DEFAULT_SCHEME = "W4A16"
 RECIPE, LOAD, VERIFY, RUN = "recipe", "load", "verification", "run"
 OPTION_CLASSES = {LOAD: LoadOptions, VERIFY: VerifyOptions, RUN: RunOptions}
 
-WHAT, OBSERVERS, GPTQ, DATA, MEMORY, CHECK, HUB = (
+WHAT, OBSERVERS, GPTQ, SELF_DISTILL, DATA, MEMORY, CHECK, HUB = (
     "what to quantize", "observers (how ranges are chosen)",
     "GPTQ (rounding that corrects each column's error with the next columns)",
+    "self-distillation (the original model teaches its quantized copy; same checkpoint format)",
     "calibration data (activation schemes and GPTQ)", "memory (models larger than RAM or the GPU)",
     "verification", "publishing")
 
@@ -138,6 +139,22 @@ QUANTIZE_FLAGS: tuple[Flag, ...] = (
     Flag("max_ppl_increase", RECIPE, ("--max-ppl-increase",),
          "mixed precision: upgrade sensitive layers until the estimated perplexity increase is at most P percent",
          WHAT, cli=dict(type=float, metavar="P"), exclusive="mixed", apply=overrides.mixed_precision),
+    Flag("self_distill", RECIPE, ("--self-distill",),
+         "after quantizing, train what the checkpoint format lets change (scales, zero points, norms; "
+         "--self-distill-train adds rounding) so the quantized model matches the original's top-k "
+         "predictions: first each decoder layer's outputs, then STEPS end-to-end steps (default 200) on the "
+         "calibration split; the result is the same scheme and layout", SELF_DISTILL,
+         cli=dict(type=int, nargs="?", const=True, metavar="STEPS"),
+         negative=("--no-self-distill", "no self-distillation even if the recipe asks for it"),
+         exclusive="self_distill", apply=overrides.self_distill),
+    Flag("self_distill_loss", RECIPE, ("--self-distill-loss",),
+         "kl: match the original's top-k log-probs (default); ce: plain next-token cross-entropy, no teacher",
+         SELF_DISTILL, cli=dict(choices=("kl", "ce")), apply=overrides.self_distill_field("loss")),
+    Flag("self_distill_train", RECIPE, ("--self-distill-train",),
+         "what is trained: scales, zero_points, rounding (a bounded offset per integer code), norms "
+         "(default: scales zero_points norms)", SELF_DISTILL,
+         cli=dict(nargs="+", choices=("scales", "zero_points", "rounding", "norms"), metavar="PART"),
+         apply=overrides.self_distill_field("train")),
     Flag("resume", RUN, ("--resume",),
          "continue an interrupted GPTQ run at the layer it reached (its progress is kept in OUTPUT.resume/ "
          "until the checkpoint is saved); the settings must be the same", GPTQ, cli=dict(action="store_true")),

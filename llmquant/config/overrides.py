@@ -136,3 +136,38 @@ def mixed_precision(data: dict, value: float, given: dict) -> None:
     keep = {k: current[k] for k in ("high", "samples") if k in current}
     data["mixed_precision"] = {**keep, "target_bits": given.get("target_bits"),
                                "max_ppl_increase": given.get("max_ppl_increase")}
+
+
+def self_distill(data: dict, value, given: dict) -> None:
+    """False: off; True: on with the recipe's (or the default) settings; an int: that many
+    end-to-end steps; a mapping: those fields over the recipe's settings; `self_distill_loss` /
+    `self_distill_train` (flags) change one field each."""
+    from llmquant.config.self_distill import SelfDistillConfig
+
+    if value is False:
+        data["self_distill"] = None
+        return
+    current = data.get("self_distill") or SelfDistillConfig().to_dict()
+    if value is True:
+        changes = {}
+    elif isinstance(value, bool) or not isinstance(value, (int, dict)):
+        raise InvalidConfigError(f"self_distill must be true, false, a number of steps or a mapping of its "
+                                 f"fields; got {value!r}.")
+    elif isinstance(value, int):
+        changes = {"steps": value}
+    else:
+        changes = dict(value)
+    data["self_distill"] = {**current, **changes}
+
+
+def self_distill_field(key: str):
+    """The setter of one self-distillation field given as its own flag: it turns self-distillation on."""
+    def apply(data: dict, value, given: dict) -> None:
+        from llmquant.config.self_distill import SelfDistillConfig
+
+        if given.get("self_distill") is False:
+            raise InvalidConfigError(f"--self-distill-{key.replace('_', '-')} was given with self-distillation "
+                                     "turned off; drop one or the other.")
+        current = data.get("self_distill") or SelfDistillConfig().to_dict()
+        data["self_distill"] = {**current, key: list(value) if isinstance(value, (list, tuple)) else value}
+    return apply

@@ -20,6 +20,8 @@
       act_order: true
       weighted_clipping: true  # INT scales: clipping chosen by the output error it causes
       refit_rounds: 1          # least-squares refits of the INT scales to the rounded values
+    self_distill:              # after rounding: the original teaches the quantized copy (config/self_distill.py)
+      steps: 200
     calibration:
       dataset: builtin
       num_samples: 128
@@ -46,6 +48,7 @@ import yaml
 from llmquant.config.args import QuantArgs, QuantScheme, reject_unknown_keys
 from llmquant.config.fields import check_fields, check_mapping, check_value, choices, describe_value, described
 from llmquant.config.presets import PRESETS, SMOOTHQUANT_BY_DEFAULT, preset
+from llmquant.config.self_distill import SelfDistillConfig
 from llmquant.errors import InvalidConfigError
 from llmquant.quant.pipeline.targets import validate_patterns
 
@@ -190,7 +193,7 @@ class RoundingConfig:
 
 # The recipe's optional sections, each a step of the pipeline, in the order they run.
 STEP_SECTIONS = ("mixed_precision", "smoothquant", "awq", "gptq")
-SECTIONS = ("quantize", "smoothquant", "awq", "mixed_precision", "gptq", "calibration")
+SECTIONS = ("quantize", "smoothquant", "awq", "mixed_precision", "gptq", "self_distill", "calibration")
 QUANTIZE_KEYS = ("scheme", "weights", "input_activations", "targets", "ignore", "group_size_fallback")
 # Where each Recipe field lives in the YAML, for messages about a wrong type.
 _YAML_PATHS = {"scheme_name": "quantize.scheme", "targets": "quantize.targets", "ignore": "quantize.ignore",
@@ -220,6 +223,7 @@ class Recipe:
     gptq: GPTQConfig | None = None
     awq: AWQConfig | None = None
     mixed_precision: MixedPrecisionConfig | None = None
+    self_distill: SelfDistillConfig | None = None
     # The group size is a preset's default, which quantize() may lower to one that divides every
     # layer's width (pipeline/plan.py). Not part of the recipe file: a recipe that is written down
     # (or a group size that was asked for) is used as it is.
@@ -251,9 +255,11 @@ class Recipe:
 
     def steps(self) -> list:
         """The configs of the steps this recipe runs, in order (pipeline/steps.py runs each):
-        mixed precision, SmoothQuant, AWQ, GPTQ where set, then rounding of what remains."""
+        mixed precision, SmoothQuant, AWQ, GPTQ where set, then rounding of what remains, then
+        self-distillation of the quantized model where set."""
         configs = [getattr(self, name) for name in STEP_SECTIONS]
-        return [c for c in configs if c is not None] + [RoundingConfig()]
+        tail = [self.self_distill] if self.self_distill is not None else []
+        return [c for c in configs if c is not None] + [RoundingConfig()] + tail
 
     @property
     def name(self) -> str:
@@ -275,6 +281,7 @@ class Recipe:
             "awq": dataclasses.asdict(self.awq) if self.awq else None,
             "mixed_precision": dataclasses.asdict(self.mixed_precision) if self.mixed_precision else None,
             "gptq": dataclasses.asdict(self.gptq) if self.gptq else None,
+            "self_distill": self.self_distill.to_dict() if self.self_distill else None,
             "calibration": dataclasses.asdict(self.calibration),
         }
 
@@ -314,10 +321,12 @@ class Recipe:
         awq = AWQConfig.from_dict(data["awq"]) if data.get("awq") is not None else None
         mp = data.get("mixed_precision")
         mixed = MixedPrecisionConfig.from_dict(mp) if mp is not None else None
+        sd = data.get("self_distill")
+        self_distill = SelfDistillConfig.from_dict(sd) if sd is not None else None
         return cls(scheme=QuantScheme(weights=weights, input_activations=acts),
                    scheme_name=name.upper() if name else None, calibration=calibration,
                    smoothquant=smoothquant, gptq=gptq, awq=awq,
-                   mixed_precision=mixed, **kwargs)
+                   mixed_precision=mixed, self_distill=self_distill, **kwargs)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -349,7 +358,7 @@ class Recipe:
         if input_activations and a is not None:
             a = _merge_args(a, input_activations, "input_activations")
         changes = {k: v for k, v in fields.items() if v is not None}
-        for optional in ("smoothquant", "gptq", "awq", "mixed_precision"):
+        for optional in ("smoothquant", "gptq", "awq", "mixed_precision", "self_distill"):
             if changes.get(optional) is False:
                 changes[optional] = None
         return dataclasses.replace(self, scheme=QuantScheme(weights=w, input_activations=a), **changes)

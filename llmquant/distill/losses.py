@@ -11,6 +11,8 @@ Conventions (those of Hinton et al. and MiniLLM / GKD):
 - forward KL  KL(p_T || q_S): mass-covering; multiplied by T^2 so that its gradients keep
   the scale of the cross-entropy's when the temperature changes;
 - reverse KL  KL(q_S || p_T): mode-seeking; also T^2-scaled;
+- forward_kl_tail: forward KL, and against a top-k teacher over its k tokens plus one bucket for
+  the rest of the vocabulary (0 exactly when student = teacher; self-distillation's loss);
 - generalized JSD(beta) = beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta*p + (1-beta)*q;
   beta -> 0 behaves like forward KL / beta, beta -> 1 like reverse KL / (1 - beta), scaled by T^2.
 """
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "forward_kl_tail")
 
 
 def _masked_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
@@ -74,7 +76,7 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float 
 def divergence(kind: str, student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
                beta: float = 0.5, mask: Tensor | None = None) -> Tensor:
     """One of DIVERGENCES by name."""
-    if kind == "forward_kl":
+    if kind in ("forward_kl", "forward_kl_tail"):  # over the whole vocabulary there is no tail bucket
         return forward_kl(student_logits, teacher_logits, temperature, mask)
     if kind == "reverse_kl":
         return reverse_kl(student_logits, teacher_logits, temperature, mask)
@@ -121,6 +123,24 @@ def sparse_forward_kl(student_logits: Tensor, top_ids: Tensor, teacher_top_logpr
     p = log_p.exp()
     per_position = (p * (log_p - log_q)).sum(-1)
     return _masked_mean(per_position, mask) * t * t
+
+
+def sparse_forward_kl_tail(student_logits: Tensor, top_ids: Tensor, teacher_top_logprobs: Tensor,
+                           mask: Tensor | None = None) -> Tensor:
+    """Forward KL over the teacher's top-k tokens plus one bucket for all the others: the teacher's
+    k log-probs as cached (over the whole vocabulary, not renormalized) and its remaining mass, the
+    student's log-probs at the same ids and its remaining mass. Unlike `sparse_forward_kl`, whose
+    renormalized target pulls the student towards a sharper distribution than the teacher's, this
+    is 0 exactly when the student equals the teacher: the loss for a student that must reproduce
+    its own original (self-distillation). Temperature 1 (the cache's)."""
+    log_q = F.log_softmax(student_logits.float(), dim=-1).gather(-1, top_ids.long())  # (..., k)
+    log_p = teacher_top_logprobs.float()
+    p = log_p.exp()
+    p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
+    q_rest = (1.0 - log_q.exp().sum(-1)).clamp_min(1e-12)
+    head = (p * (log_p - log_q)).sum(-1)
+    tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log()), torch.zeros_like(p_rest))
+    return _masked_mean(head + tail, mask)
 
 
 def sparse_teacher_view(student_logits: Tensor, top_ids: Tensor) -> Tensor:

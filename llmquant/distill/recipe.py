@@ -79,7 +79,7 @@ class StudentConfig(_Section):
 
 @dataclass(frozen=True)
 class LossConfig(_Section):
-    divergence: str = "forward_kl"   # forward_kl | reverse_kl | jsd
+    divergence: str = "forward_kl"   # forward_kl | reverse_kl | jsd | forward_kl_tail (top-k + the rest)
     temperature: float = 2.0
     kd_weight: float = 0.9           # loss = (1 - kd_weight) * CE + kd_weight * divergence
     beta: float = 0.5                # generalized JSD mixture weight
@@ -90,6 +90,8 @@ class LossConfig(_Section):
         _check(self.divergence in DIVERGENCES,
                f"loss.divergence must be one of {', '.join(DIVERGENCES)}; got {self.divergence!r}.")
         _check(self.temperature > 0, "loss.temperature must be positive.")
+        _check(self.divergence != "forward_kl_tail" or self.temperature == 1.0,
+               "loss.divergence forward_kl_tail compares the cached log-probs as they are: use temperature 1.0.")
         _check(0.0 <= self.kd_weight <= 1.0, "loss.kd_weight must be in [0, 1] (0: cross-entropy only).")
         _check(0.0 < self.beta < 1.0, "loss.beta must be in (0, 1).")
         _check(self.hidden_weight >= 0, "loss.hidden_weight must be >= 0.")

@@ -94,7 +94,9 @@ class Trainer:
                  teacher: nn.Module | None = None, cache: TeacherCache | None = None,
                  kept_layers: list[int] | None = None, checkpoint_dir: Path | None = None,
                  evaluate: Callable[[nn.Module], float] | None = None, progress: bool = True,
-                 on_step: Callable[[int, dict], None] | None = None):
+                 on_step: Callable[[int, dict], None] | None = None, param_groups: list[dict] | None = None):
+        """`param_groups`: what the optimizer trains, as torch param groups with their own lr
+        (self-distillation); by default every parameter of the student at the recipe's lr."""
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
@@ -121,6 +123,9 @@ class Trainer:
         if self.loss_cfg.hidden_weight > 0:
             self._build_projections(student, kept_layers, device)
         params = list(student.parameters()) + list(self.projections.parameters())
+        if param_groups is not None:
+            extra = list(self.projections.parameters())
+            params = list(param_groups) + ([{"params": extra}] if extra else [])
         optimizer = build_optimizer(params, self.train_cfg.optimizer, self.train_cfg.lr,
                                     self.train_cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
@@ -156,6 +161,8 @@ class Trainer:
             cfg = self.loss_cfg
             if self.cache is not None and cfg.divergence == "forward_kl":
                 parts["kd"] = losses.sparse_forward_kl(logits, top_ids, top_lp, cfg.temperature)
+            elif self.cache is not None and cfg.divergence == "forward_kl_tail":
+                parts["kd"] = losses.sparse_forward_kl_tail(logits, top_ids, top_lp)
             elif self.cache is not None:
                 # Reverse KL and JSD need the student's distribution on the same support as the
                 # teacher's: both renormalized over the top-k (empty slots excluded on both sides).
@@ -216,7 +223,7 @@ class Trainer:
                 history.append(record)
                 elapsed = time.perf_counter() - start
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.1e}",
                                 tok_s=f"{timed_steps * tokens_per_step / elapsed:.0f}")
                 if self.evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     evals.append({"step": step, "perplexity": self._evaluate()})

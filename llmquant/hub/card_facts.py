@@ -53,6 +53,7 @@ class CardFacts:
     source_kind: str | None = None  # "hub" | "local" | "gguf" | "demo", as the report records it
     calibration: dict | None = None
     verification: dict | None = None
+    self_distill: str | None = None  # one line: what self-distillation did, held-out perplexity before / after
     versions: dict = field(default_factory=dict)
     checkpoint_bytes: int | None = None
     architecture: str | None = None
@@ -133,6 +134,13 @@ def _facts_from_report(report: dict, facts: CardFacts) -> None:
         facts.scheme = (recipe.get("quantize") or {}).get("scheme")
     facts.calibration = report.get("calibration") if isinstance(report.get("calibration"), dict) else None
     facts.verification = report.get("verification") if isinstance(report.get("verification"), dict) else None
+    if isinstance(report.get("self_distill"), dict):
+        from llmquant.quant.pipeline.report import self_distill_line
+
+        try:
+            facts.self_distill = self_distill_line(report["self_distill"])
+        except (KeyError, TypeError, ValueError):  # a report edited by hand: leave the line out
+            facts.self_distill = None
     env = report.get("environment")
     facts.versions = {k: v for k, v in env.items() if k in ("llmquant", "torch", "transformers")} \
         if isinstance(env, dict) else {}

@@ -25,7 +25,8 @@ REPORT_PASS_SAMPLES = 8  # dynamic schemes need no calibration; a few samples fe
 class DataPass:
     """One pass of text through the model: which step, what for, and how much it read."""
 
-    step: str  # "mixed_precision", "smoothquant", "awq", "gptq", "static_scales", "activation_report", "verification"
+    step: str  # "mixed_precision", "smoothquant", "awq", "gptq", "static_scales", "activation_report",
+    # "self_distill", "verification"
     purpose: str  # in words, for the report
     samples: int
     seq_len: int
@@ -64,6 +65,8 @@ class StepContext:
     passes: list[DataPass] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     after_save: list = field(default_factory=list)  # callables run once the checkpoint is in place
+    teacher: torch.nn.Module | None = None  # self-distillation: the original model, copied before the first step
+    self_distill: dict | None = None  # self-distillation's result, for the report
     _batches: torch.Tensor | None = None
 
     @property

@@ -10,6 +10,7 @@ SmoothQuant, AWQ, GPTQ, then rounding) run through the registry in pipeline/step
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -120,6 +121,9 @@ def quantize(model=None, recipe: Recipe | str | os.PathLike | None = None, *, lo
     else:
         # The original's predictions, before any step changes the model.
         reference = reference_logprobs(net, windows, run.progress) if windows is not None else None
+        if rec.self_distill is not None:
+            # The teacher of self-distillation is the original itself, before any step changes it.
+            ctx.teacher = copy.deepcopy(net)
         run_steps(rec, ctx)
         report = _report(ctx)
         verification_result = None
@@ -145,7 +149,8 @@ def _report(ctx: StepContext) -> QuantReport:
     """The report of what the steps did, once they are done."""
     rec, loaded = ctx.recipe, ctx.loaded
     report = QuantReport(source=source_info(loaded), recipe=rec.to_dict(), environment=environment(),
-                         smoothquant=ctx.smoothing.to_dict() if ctx.smoothing else None, mixed_precision=ctx.mixed)
+                         smoothquant=ctx.smoothing.to_dict() if ctx.smoothing else None, mixed_precision=ctx.mixed,
+                         self_distill=ctx.self_distill)
     for plan in ctx.plans:
         if plan.scheme is None:
             report.kept_full_precision[plan.name] = plan.note or "excluded"
@@ -162,7 +167,7 @@ def _load(source, rec: Recipe, load: LoadOptions, checks: VerifyOptions, run: Ru
     from llmquant.loading import ModelSource, load_model, resolve_source
     from llmquant.quant.pipeline.memory_plan import plan_peaks
 
-    if run.stream is False:
+    if run.stream is False or rec.self_distill is not None:  # self-distillation trains the model in memory
         return load_model(source, **load.kwargs())
     kwargs = load.kwargs()
     revision = kwargs.pop("revision")
@@ -206,6 +211,10 @@ def _preflight(rec: Recipe, run: RunOptions) -> None:
         from llmquant.hub.push import check_push_target
 
         check_push_target(run.push_to_hub)  # a bad repo id or a missing token fails now, not after the work
+    if rec.self_distill is not None and run.stream:
+        raise InvalidConfigError("Self-distillation trains the whole quantized model against the original, so it "
+                                 "needs both in memory: drop --stream, or quantize streamed first and run "
+                                 "`llmquant distill ORIGINAL --self QUANTIZED` on a machine that holds them.")
     if run.resume and (run.output is None or rec.gptq is None):
         raise InvalidConfigError("--resume continues an interrupted layer-by-layer (GPTQ) run: it needs --gptq "
                                  "(or a recipe with gptq) and --output.")

@@ -66,6 +66,7 @@ class QuantReport:
     data_passes: list[dict] = field(default_factory=list)  # each pass of text through the model (context.DataPass)
     smoothquant: dict | None = None
     mixed_precision: dict | None = None
+    self_distill: dict | None = None  # self-distillation: settings, losses, held-out perplexity before / after
     verification: dict | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
@@ -117,6 +118,8 @@ class QuantReport:
             lines.append("data: " + "; ".join(f"{_pass_name(p)} {p['samples']} x {p['seq_len']}"
                                                + (" held-out" if p["split"] != "calibration" else "")
                                                for p in self.data_passes))
+        if self.self_distill:
+            lines.append(self_distill_line(self.self_distill))
         tokens = [r.calibration_tokens for r in self.layers if r.calibration_tokens is not None]
         if tokens:
             fallback = sum(ALL_TOKENS in (r.note or "") for r in self.layers)
@@ -146,6 +149,8 @@ class QuantReport:
         if self.smoothquant:
             out.append(f"- SmoothQuant: alpha {self.smoothquant['alpha']}, {self.smoothquant['applied']} mappings "
                        f"smoothed, {len(self.smoothquant['skipped'])} skipped")
+        if self.self_distill:
+            out.append(f"- {self_distill_line(self.self_distill)}")
         if self.verification:
             v = self.verification
             out.append(f"- verification (reloaded checkpoint vs original): mean KL {v['kl_mean']:.5f}, "
@@ -202,3 +207,15 @@ def _finite(obj):
     if isinstance(obj, list):
         return [_finite(v) for v in obj]
     return obj
+
+
+def self_distill_line(sd: dict) -> str:
+    """One line on what self-distillation did and what it gained on held-out text."""
+    c, h = sd["config"], sd.get("held_out") or {}
+    phases = ([f"{c['block_steps']} steps per decoder layer"] if c.get("block_steps") else []) + \
+        ([f"{c['steps']} end-to-end steps ({c['loss']})"] if c.get("steps") else [])
+    line = f"self-distillation: {' then '.join(phases)}, training {', '.join(c['train'])}"
+    if h:
+        line += (f"; held-out perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} "
+                 f"(original {h['perplexity_original']:.3f})")
+    return line

@@ -11,11 +11,13 @@ import time
 from typing import Any, Callable
 
 from llmquant.config.recipe import AWQConfig, GPTQConfig, MixedPrecisionConfig, Recipe, RoundingConfig, SmoothQuantConfig
+from llmquant.config.self_distill import SelfDistillConfig
 from llmquant.errors import InvalidConfigError
 from llmquant.quant.pipeline.context import StepContext
 from llmquant.quant.pipeline.step_gptq import gptq_step
 from llmquant.quant.pipeline.step_mixed import mixed_precision_step
 from llmquant.quant.pipeline.step_rounding import rounding_step
+from llmquant.quant.pipeline.step_self_distill import self_distill_step
 from llmquant.quant.pipeline.step_smoothing import awq_step, smoothquant_step
 
 StepHandler = Callable[[Any, StepContext], None]
@@ -50,3 +52,4 @@ register_step(SmoothQuantConfig, "smoothquant", smoothquant_step)
 register_step(AWQConfig, "awq", awq_step)
 register_step(GPTQConfig, "gptq", gptq_step)
 register_step(RoundingConfig, "rounding", rounding_step)
+register_step(SelfDistillConfig, "self_distill", self_distill_step)
