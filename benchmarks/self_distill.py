@@ -38,6 +38,7 @@ from speed import cpu_description  # noqa: E402
 SECOND_SOURCE_MODULES = ("argparse", "difflib", "textwrap", "fractions", "statistics", "calendar", "heapq",
                          "shlex", "string", "bisect")
 EVAL_TOKENS, WINDOW, AGREE_TOKENS = 16384, 1024, 2048
+EVAL_DTYPE = "float32"  # the protocol of benchmarks/distill.py: the same baseline on the same split
 SCHEMES = {  # name -> quantize() keywords (today's defaults for each)
     "W4A16 g64 sym": dict(scheme="W4A16", group_size=64, gptq=True),
     "W4A16 g64 asym": dict(scheme="W4A16_ASYM", group_size=64, gptq=True),
@@ -65,7 +66,7 @@ class Evaluator:
         from llmquant.quant.pipeline.verify import reference_logprobs
 
         self.demo, self.second = demo, second
-        original = load_model(demo)
+        original = load_model(demo, dtype=EVAL_DTYPE)
         ids = evaluation_tokens(original.tokenizer, "builtin", max_tokens=AGREE_TOKENS)
         self.windows = ids[: AGREE_TOKENS // 512 * 512].reshape(-1, 512)
         self.reference = reference_logprobs(original.model, self.windows, progress=False)
@@ -85,7 +86,7 @@ class Evaluator:
     def measure(self, folder: Path) -> dict:
         from llmquant import load_model
 
-        return self.measure_loaded(load_model(folder))
+        return self.measure_loaded(load_model(folder, dtype=EVAL_DTYPE))
 
 
 def quantize(kwargs: dict, out: Path, demo: Path, lc_python: str) -> float:
@@ -186,7 +187,7 @@ def main() -> int:
                            cwd=Path(__file__).parent).stdout.strip()
     ev = Evaluator(demo, second_source(work))
     meta = {"original": ev.original, "machine": cpu_description(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "dtype": "auto (bf16 on this CPU)",
+            "threads": torch.get_num_threads(), "dtype": f"{EVAL_DTYPE} evaluation (training: bf16 autocast)",
             "python": sys.version.split()[0], "commit": commit + (" (uncommitted changes)" if dirty else ""),
             "date": time.strftime("%Y-%m-%d"), "command": "python " + shlex.join(sys.argv),
             "settings": {"block_steps": args.block_steps, "tokens": args.tokens, "batch_size": args.batch_size,

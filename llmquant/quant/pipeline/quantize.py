@@ -86,6 +86,10 @@ def quantize(model=None, recipe: Recipe | str | os.PathLike | None = None, *, lo
     load_seconds = time.perf_counter() - t
     if loaded.weights is not None:
         _check_streamable(run)
+        if rec.self_distill is not None:
+            raise InvalidConfigError("Self-distillation trains the whole quantized model, and this model was loaded "
+                                     "to be streamed one layer at a time: load it whole, or quantize it streamed and "
+                                     "run `llmquant distill ORIGINAL --self QUANTIZED` afterwards.")
     if loaded.quantization_config is not None:
         raise InvalidConfigError(f"{loaded.source.describe()} is already quantized; quantize its original model.")
     net, tokenizer = loaded.model, loaded.tokenizer
