@@ -211,6 +211,7 @@ def main() -> int:
         add({"name": f"{base_name.split(' (')[0]} + self-distillation", "from": base_name, "loss": loss,
              "block_steps": block_steps, "steps": steps, "seed": seed, **result, **ev.measure(out)})
 
+    bases: dict[str, tuple[str, Path]] = {}
     for scheme in args.schemes:
         rtn_dir, base_dir = work / f"{scheme} RTN".replace(" ", "_"), work / scheme.replace(" ", "_")
         rtn_name = f"{scheme} RTN" if scheme != "FP8_DYNAMIC" else "FP8_DYNAMIC, no SmoothQuant"
@@ -229,14 +230,17 @@ def main() -> int:
         else:
             base_name = f"{scheme} GPTQ"
             add(_quantized_row(ev, base_name, SCHEMES[scheme], base_dir, demo, args.lc_python))
+        bases[scheme] = (base_name, base_dir)
         if args.quantize_only:
             continue
         for steps in args.budgets:
             trained(scheme, base_name, base_dir, "kl", args.block_steps, steps, args.seeds[0])
-        if scheme in args.compare_schemes:
+    # The teacher's effect last (every scheme's main rows are measured first).
+    for scheme in args.compare_schemes if not args.quantize_only else []:
+        if scheme in bases:
             for seed in args.seeds:
                 for loss in ("kl", "ce"):
-                    trained(scheme, base_name, base_dir, loss, 0, args.compare_steps, seed)
+                    trained(scheme, *bases[scheme], loss, 0, args.compare_steps, seed)
     return 0
 
 
