@@ -184,10 +184,17 @@ def blockwise(student: nn.Module, teacher: nn.Module, windows: Tensor, cfg: Self
                 targets = [_hidden(t_layer(*a, **kw)).float() for a, kw in t_calls]
             groups = param_groups(s_layer, cfg)
             before = _block_error(s_layer, s_calls, targets, device)
+            start = [p.detach().clone() for g in groups for p in g["params"]]
             if groups:
                 _train_block(s_layer, groups, s_calls, targets, cfg, generator, device, bar)
             after = _block_error(s_layer, s_calls, targets, device)
-            report.append({"layer": k, "error_before": before, "error_after": after})
+            kept = after <= before
+            if not kept:  # never worse than where it started, on the windows it trained on
+                with torch.no_grad():
+                    for p, p0 in zip((p for g in groups for p in g["params"]), start):
+                        p.copy_(p0)
+            report.append({"layer": k, "error_before": before, "error_after": min(before, after),
+                           "trained_error": after, "kept": kept})
             bar.set_postfix_str(f"layer {k}: {before:.4f} -> {after:.4f}", refresh=False)
             with torch.no_grad(), _autocast(device):
                 s_calls = [((_hidden(s_layer(*a, **kw)).to(a[0].dtype),) + tuple(a[1:]), kw) for a, kw in s_calls]

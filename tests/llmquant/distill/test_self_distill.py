@@ -133,7 +133,8 @@ def test_self_distillation_trains_every_layer_and_keeps_the_checkpoint_format(ar
     # real model: test_self_distillation_recovers_demo_quality and benchmarks/self_distill.py.)
     block = sd.report.self_distill["block"]
     assert len(block) == sd.model.config.num_hidden_layers
-    assert all(b["error_after"] < b["error_before"] for b in block), block
+    assert all(b["error_after"] <= b["error_before"] for b in block), block
+    assert sum(b["kept"] for b in block) >= len(block) // 2, block  # most layers improved
     held = sd.report.self_distill["held_out"]
     assert all(held[k] > 1 for k in ("perplexity_original", "perplexity_before", "perplexity_after"))
     assert sd.verification is not None and plain.verification is not None
