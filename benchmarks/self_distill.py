@@ -112,7 +112,9 @@ def self_distill_row(folder: Path, out: Path, demo: Path, settings: dict) -> dic
     from llmquant.distill.self_api import self_distill
 
     t = time.perf_counter()
-    result = self_distill(demo, folder, output=out, overwrite=True, progress=False, verify_tokens=0, **settings)
+    # This script measures every saved folder itself: no verification or held-out checks inside.
+    result = self_distill(demo, folder, output=out, overwrite=True, progress=False, verify_tokens=0, held_out=False,
+                          **settings)
     section = result.report
     return {"train_seconds": time.perf_counter() - t, "seconds_block": section["seconds_block"],
             "seconds_end_to_end": section["seconds_end_to_end"], "seconds_per_step": section["seconds_per_step"],
@@ -247,8 +249,9 @@ def main() -> int:
 def _quantized_row(ev: Evaluator, name: str, kwargs: dict, out: Path, demo: Path, lc_python: str) -> dict:
     if not (out / "config.json").is_file():
         seconds = quantize(kwargs, out, demo, lc_python)
-    else:
-        seconds = None  # reused from an earlier run of this script (same work folder)
+    else:  # made by an earlier run of this script (same work folder): the time its report gives
+        report = out / "quantization_report.json"
+        seconds = json.loads(report.read_text())["timings_s"]["total"] if report.is_file() else None
     return {"name": name, "options": kwargs, "quantize_seconds": seconds, **ev.measure(out)}
 
 

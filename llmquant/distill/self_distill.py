@@ -187,27 +187,35 @@ def blockwise(student: nn.Module, teacher: nn.Module, windows: Tensor, cfg: Self
             start = [p.detach().clone() for g in groups for p in g["params"]]
             if groups:
                 _train_block(s_layer, groups, s_calls, targets, cfg, generator, device, bar)
-            after = _block_error(s_layer, s_calls, targets, device)
+            outputs = _outputs(s_layer, s_calls, device)  # the next layer's inputs, and this one's error
+            after = _mean_error(outputs, targets)
             kept = after <= before
             if not kept:  # never worse than where it started, on the windows it trained on
                 with torch.no_grad():
                     for p, p0 in zip((p for g in groups for p in g["params"]), start):
                         p.copy_(p0)
+                outputs = _outputs(s_layer, s_calls, device)
             report.append({"layer": k, "error_before": before, "error_after": min(before, after),
                            "trained_error": after, "kept": kept})
-            bar.set_postfix_str(f"layer {k}: {before:.4f} -> {after:.4f}", refresh=False)
-            with torch.no_grad(), _autocast(device):
-                s_calls = [((_hidden(s_layer(*a, **kw)).to(a[0].dtype),) + tuple(a[1:]), kw) for a, kw in s_calls]
+            bar.set_postfix_str(f"layer {k}: {before:.4f} -> {min(before, after):.4f}", refresh=False)
+            s_calls = [((y.to(a[0].dtype),) + tuple(a[1:]), kw) for y, (a, kw) in zip(outputs, s_calls)]
             t_calls = [((y.to(a[0].dtype),) + tuple(a[1:]), kw) for y, (a, kw) in zip(targets, t_calls)]
     finally:
         bar.close()
     return report
 
 
-def _block_error(layer: nn.Module, calls, targets, device) -> float:
+def _outputs(layer: nn.Module, calls, device) -> list[Tensor]:
     with torch.no_grad(), _autocast(device):
-        errors = [float(normalized_mse(_hidden(layer(*a, **kw)), y)) for (a, kw), y in zip(calls, targets)]
-    return sum(errors) / len(errors)
+        return [_hidden(layer(*a, **kw)) for a, kw in calls]
+
+
+def _mean_error(outputs: list[Tensor], targets: list[Tensor]) -> float:
+    return sum(float(normalized_mse(o, y)) for o, y in zip(outputs, targets)) / len(outputs)
+
+
+def _block_error(layer: nn.Module, calls, targets, device) -> float:
+    return _mean_error(_outputs(layer, calls, device), targets)
 
 
 def _train_block(layer, groups, calls, targets, cfg: SelfDistillConfig, generator, device, bar) -> None:
