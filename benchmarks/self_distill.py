@@ -33,12 +33,11 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).parent))
+from folder_eval import AGREE_TOKENS, EVAL_DTYPE, EVAL_TOKENS, WINDOW, FolderEvaluator  # noqa: E402
 from speed import cpu_description  # noqa: E402
 
 SECOND_SOURCE_MODULES = ("argparse", "difflib", "textwrap", "fractions", "statistics", "calendar", "heapq",
                          "shlex", "string", "bisect")
-EVAL_TOKENS, WINDOW, AGREE_TOKENS = 16384, 1024, 2048
-EVAL_DTYPE = "float32"  # the protocol of benchmarks/distill.py: the same baseline on the same split
 SCHEMES = {  # name -> quantize() keywords (today's defaults for each)
     "W4A16 g64 sym": dict(scheme="W4A16", group_size=64, gptq=True),
     "W4A16 g64 asym": dict(scheme="W4A16_ASYM", group_size=64, gptq=True),
@@ -55,38 +54,6 @@ def second_source(work: Path) -> Path:
     path.write_text("\n\n".join((lib / f"{m}.py").read_text(encoding="utf-8") for m in SECOND_SOURCE_MODULES),
                     encoding="utf-8")
     return path
-
-
-class Evaluator:
-    """Perplexity on both sources and agreement with the original, for any saved folder."""
-
-    def __init__(self, demo: Path, second: Path):
-        from llmquant import load_model
-        from llmquant.data import evaluation_tokens
-        from llmquant.quant.pipeline.verify import reference_logprobs
-
-        self.demo, self.second = demo, second
-        original = load_model(demo, dtype=EVAL_DTYPE)
-        ids = evaluation_tokens(original.tokenizer, "builtin", max_tokens=AGREE_TOKENS)
-        self.windows = ids[: AGREE_TOKENS // 512 * 512].reshape(-1, 512)
-        self.reference = reference_logprobs(original.model, self.windows, progress=False)
-        self.original = self.measure_loaded(original)
-
-    def measure_loaded(self, loaded) -> dict:
-        from llmquant.eval import perplexity
-        from llmquant.quant.pipeline.verify import compare_to_reference
-
-        corpus = perplexity(loaded, max_tokens=EVAL_TOKENS, window=WINDOW, progress=False).perplexity
-        second = perplexity(loaded, dataset=str(self.second), max_tokens=EVAL_TOKENS, window=WINDOW,
-                            progress=False).perplexity
-        agree = compare_to_reference(loaded.model, self.windows, self.reference, progress=False)
-        return {"ppl_corpus": corpus, "ppl_second": second, "kl_mean": agree.kl_mean,
-                "top1_agreement": agree.top1_agreement}
-
-    def measure(self, folder: Path) -> dict:
-        from llmquant import load_model
-
-        return self.measure_loaded(load_model(folder, dtype=EVAL_DTYPE))
 
 
 def quantize(kwargs: dict, out: Path, demo: Path, lc_python: str) -> float:
@@ -113,7 +80,7 @@ def self_distill_row(folder: Path, out: Path, demo: Path, settings: dict) -> dic
 
     t = time.perf_counter()
     # This script measures every saved folder itself: no verification or held-out checks inside.
-    result = self_distill(demo, folder, output=out, overwrite=True, progress=False, verify_tokens=0, held_out=False,
+    result = self_distill(demo, folder, output=out, overwrite=True, progress=False, verify_tokens=0, held_out_tokens=0,
                           **settings)
     section = result.report
     return {"train_seconds": time.perf_counter() - t, "seconds_block": section["seconds_block"],
@@ -187,7 +154,7 @@ def main() -> int:
                             cwd=Path(__file__).parent).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=Path(__file__).parent).stdout.strip()
-    ev = Evaluator(demo, second_source(work))
+    ev = FolderEvaluator(demo, second_source(work))
     meta = {"original": ev.original, "machine": cpu_description(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "dtype": f"{EVAL_DTYPE} evaluation (training: bf16 autocast)",
             "python": sys.version.split()[0], "commit": commit + (" (uncommitted changes)" if dirty else ""),
@@ -246,7 +213,7 @@ def main() -> int:
     return 0
 
 
-def _quantized_row(ev: Evaluator, name: str, kwargs: dict, out: Path, demo: Path, lc_python: str) -> dict:
+def _quantized_row(ev: FolderEvaluator, name: str, kwargs: dict, out: Path, demo: Path, lc_python: str) -> dict:
     if not (out / "config.json").is_file():
         seconds = quantize(kwargs, out, demo, lc_python)
     else:  # made by an earlier run of this script (same work folder): the time its report gives

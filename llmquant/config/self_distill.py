@@ -13,6 +13,7 @@ quantized copy (llmquant/distill/self_distill.py runs it).
       loss: kl                # kl: the original's top-k log-probs; ce: plain next-token cross-entropy
       top_k: 32
       seed: 0
+      held_out_tokens: 8192   # held-out perplexity before / after, for the report (0: not measured)
 
 Only what the checkpoint format lets change is trained, so the result is the same
 compressed-tensors layout: scales (stored dtype), zero points (integers in range), integer
@@ -44,12 +45,13 @@ class SelfDistillConfig:
     loss: str = field(default="kl", metadata=choices(SELF_DISTILL_LOSSES))
     top_k: int = 32
     seed: int = 0
+    held_out_tokens: int = 8192
 
     def __post_init__(self) -> None:
         if isinstance(self.train, list):
             object.__setattr__(self, "train", tuple(self.train))
         check_fields(self, "self_distill")
-        for name in ("steps", "block_steps"):
+        for name in ("steps", "block_steps", "held_out_tokens"):
             if getattr(self, name) < 0:
                 raise InvalidConfigError(f"self_distill.{name} must be >= 0.")
         if self.steps == 0 and self.block_steps == 0:
@@ -80,7 +82,8 @@ class SelfDistillConfig:
     def to_dict(self) -> dict:
         return {"steps": self.steps, "block_steps": self.block_steps, "lr": self.lr, "rounding_lr": self.rounding_lr,
                 "tokens": self.tokens, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "train": list(self.train), "loss": self.loss, "top_k": self.top_k, "seed": self.seed}
+                "train": list(self.train), "loss": self.loss, "top_k": self.top_k, "seed": self.seed,
+                "held_out_tokens": self.held_out_tokens}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SelfDistillConfig":

@@ -45,19 +45,20 @@ def self_distill(teacher, quantized: str | os.PathLike, *, output: str | os.Path
                  overwrite: bool = False, verify_tokens: int = 2048, revision: str | None = None, dtype: str = "auto",
                  device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
                  progress: bool = True, push_to_hub: str | None = None, private: bool = False, on_step=None,
-                 held_out: bool = True, **settings) -> SelfDistillFolderResult:
+                 **settings) -> SelfDistillFolderResult:
     """Train the quantized folder `quantized` against `teacher` (its original; None: the demo model)
     and save the result to `output`. `settings`: fields of SelfDistillConfig (steps, block_steps, lr,
-    rounding_lr, tokens, batch_size, seq_len, train, loss, top_k, seed); None keeps the default.
+    rounding_lr, tokens, batch_size, seq_len, train, loss, top_k, seed, held_out_tokens); None keeps
+    the default (held_out_tokens=0 skips the held-out perplexity before / after, for a caller that
+    measures the saved folder itself).
     `dataset`: the text trained on (default: the calibration dataset of the quantized folder's
     recipe, else the built-in corpus). Resumable checkpoints go to `checkpoint_dir` (default
     `<output>.checkpoints`; Ctrl-C writes one, `resume=True` continues from it). `on_step(step,
-    record)` is called after each end-to-end step. `held_out=False` skips the held-out perplexity
-    before / after (a caller that measures the saved folder itself)."""
+    record)` is called after each end-to-end step."""
     from llmquant.data import calibration_batches
     from llmquant.distill.self_distill import run_self_distill
     from llmquant.loading import load_model
-    from llmquant.quant.pipeline.step_self_distill import HELD_OUT_TOKENS, HELD_OUT_WINDOW, held_out_perplexity
+    from llmquant.quant.pipeline.step_self_distill import HELD_OUT_WINDOW, held_out_perplexity
 
     t0, timings = time.perf_counter(), {}
     unknown = set(settings) - set(SETTINGS)
@@ -93,9 +94,9 @@ def self_distill(teacher, quantized: str | os.PathLike, *, output: str | os.Path
     windows = calibration_batches(tokenizer, cal["dataset"], num_samples=cfg.samples, seq_len=cfg.seq_len,
                                   seed=cfg.seed, text_field=cal["text_field"], config_name=cal["config_name"])
     _say(progress, cfg.describe())
-    if held_out:
-        before = held_out_perplexity(student.model, tokenizer, **cal)
-        teacher_ppl = held_out_perplexity(original.model, tokenizer, **cal)
+    held_out = cfg.held_out_tokens
+    before = held_out_perplexity(student.model, tokenizer, **cal, tokens=held_out)
+    teacher_ppl = held_out_perplexity(original.model, tokenizer, **cal, tokens=held_out)
     reference, verify = _reference(original.model, tokenizer, cal, verify_tokens, progress)
     t = time.perf_counter()
     result = run_self_distill(student.model, original.model, windows, cfg, teacher_name=original.source.describe(),
@@ -104,8 +105,8 @@ def self_distill(teacher, quantized: str | os.PathLike, *, output: str | os.Path
     timings["train"] = time.perf_counter() - t
     section = {**result.to_dict(), "held_out": None}
     if held_out:
-        after = held_out_perplexity(student.model, tokenizer, **cal)
-        section["held_out"] = {"tokens": HELD_OUT_TOKENS, "window": HELD_OUT_WINDOW, "dataset": cal["dataset"],
+        after = held_out_perplexity(student.model, tokenizer, **cal, tokens=held_out)
+        section["held_out"] = {"tokens": held_out, "window": HELD_OUT_WINDOW, "dataset": cal["dataset"],
                                "perplexity_original": teacher_ppl, "perplexity_before": before,
                                "perplexity_after": after}
         _say(progress, f"self-distillation: held-out perplexity {before:.3f} -> {after:.3f} "

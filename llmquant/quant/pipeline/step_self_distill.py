@@ -11,8 +11,7 @@ from llmquant.config.self_distill import SelfDistillConfig
 from llmquant.quant.pipeline.context import DataPass, StepContext
 from llmquant.quant.primitives import sqnr_db
 
-HELD_OUT_TOKENS = 8192  # held-out perplexity before / after, in windows of HELD_OUT_WINDOW
-HELD_OUT_WINDOW = 512
+HELD_OUT_WINDOW = 512  # held-out perplexity before / after, in windows of this many tokens
 
 
 def self_distill_step(config: SelfDistillConfig, ctx: StepContext) -> None:
@@ -26,7 +25,8 @@ def self_distill_step(config: SelfDistillConfig, ctx: StepContext) -> None:
     windows = calibration_batches(ctx.tokenizer, cal.dataset, num_samples=config.samples, seq_len=config.seq_len,
                                   seed=config.seed, text_field=cal.text_field, config_name=cal.config_name)
     ctx.say(config.describe())
-    text = dict(dataset=cal.dataset, text_field=cal.text_field, config_name=cal.config_name)
+    text = dict(dataset=cal.dataset, text_field=cal.text_field, config_name=cal.config_name,
+                tokens=config.held_out_tokens)
     before = held_out_perplexity(ctx.net, ctx.tokenizer, **text)
     result = run_self_distill(ctx.net, teacher, windows, config, teacher_name=ctx.loaded.source.describe(),
                               progress=ctx.progress)
@@ -37,20 +37,25 @@ def self_distill_step(config: SelfDistillConfig, ctx: StepContext) -> None:
     ctx.passes.append(DataPass(step="self_distill", purpose="self-distillation", samples=int(windows.shape[0]),
                                seq_len=int(windows.shape[1]), dataset=cal.dataset, split="calibration",
                                seed=config.seed))
-    ctx.self_distill = {**result.to_dict(), "held_out": {
-        "tokens": HELD_OUT_TOKENS, "window": HELD_OUT_WINDOW, "dataset": cal.dataset,
-        "perplexity_original": original, "perplexity_before": before, "perplexity_after": after}}
-    ctx.say(f"self-distillation: held-out perplexity {before:.3f} -> {after:.3f} (original {original:.3f})")
+    ctx.self_distill = {**result.to_dict(), "held_out": None}
+    if config.held_out_tokens:
+        ctx.self_distill["held_out"] = {
+            "tokens": config.held_out_tokens, "window": HELD_OUT_WINDOW, "dataset": cal.dataset,
+            "perplexity_original": original, "perplexity_before": before, "perplexity_after": after}
+        ctx.say(f"self-distillation: held-out perplexity {before:.3f} -> {after:.3f} (original {original:.3f})")
 
 
-def held_out_perplexity(model, tokenizer, dataset: str, text_field: str = "text", config_name: str | None = None) -> float:
-    """Perplexity on the first HELD_OUT_TOKENS of `dataset`'s held-out split (never trained on), in
-    windows of HELD_OUT_WINDOW tokens (or the model's context, when shorter)."""
+def held_out_perplexity(model, tokenizer, dataset: str, text_field: str = "text", config_name: str | None = None,
+                        tokens: int = 8192) -> float | None:
+    """Perplexity on the first `tokens` of `dataset`'s held-out split (never trained on), in
+    windows of HELD_OUT_WINDOW tokens (or the model's context, when shorter); None when tokens is 0."""
     from llmquant.eval.perplexity import perplexity
 
+    if not tokens:
+        return None
     context = getattr(model.config, "max_position_embeddings", None) or HELD_OUT_WINDOW
     return perplexity((model, tokenizer), dataset=dataset, text_field=text_field, config_name=config_name,
-                      split="held-out", max_tokens=HELD_OUT_TOKENS, window=min(HELD_OUT_WINDOW, context),
+                      split="held-out", max_tokens=tokens, window=min(HELD_OUT_WINDOW, context),
                       progress=False).perplexity
 
 

@@ -19,7 +19,8 @@ from llmquant.errors import InvalidConfigError
 from llmquant.quant.linear import QuantizedLinear
 
 # Small enough for seconds per run on one thread; the built-in corpus as training text.
-TINY = dict(steps=12, block_steps=8, tokens=16 * 64, seq_len=64, batch_size=4, lr=3e-3, rounding_lr=0.03)
+TINY = dict(steps=12, block_steps=8, tokens=16 * 64, seq_len=64, batch_size=4, lr=3e-3, rounding_lr=0.03,
+            held_out_tokens=1024)
 QUANT = dict(num_samples=8, seq_len=64, verify_tokens=512, progress=False)
 
 
@@ -165,7 +166,7 @@ def test_self_distillation_recovers_demo_quality(demo_model_dir, tmp_path):
     q = dict(scheme="W4A16", group_size=64, observer="minmax", verify_tokens=1024, progress=False)
     plain = llmquant.quantize(demo_model_dir, output=tmp_path / "plain", **q)
     sd = llmquant.quantize(demo_model_dir, output=tmp_path / "sd", self_distill=dict(
-        steps=6, block_steps=6, tokens=8 * 256, seq_len=256, batch_size=4), **q)
+        steps=3, block_steps=6, tokens=8 * 256, seq_len=256, batch_size=4, held_out_tokens=2048), **q)
     assert sd.verification.kl_mean < 0.9 * plain.verification.kl_mean, (sd.verification, plain.verification)
     held = sd.report.self_distill["held_out"]
     assert held["perplexity_after"] < held["perplexity_before"]

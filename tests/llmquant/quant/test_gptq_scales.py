@@ -94,5 +94,5 @@ def test_a_large_refit_runs_a_slice_of_rows_at_a_time_with_the_same_result(monke
     monkeypatch.setattr(gptq_scales, "REFIT_MEMORY", 8 * 32 * 8 * 4 * 10)  # ten rows' worth
     sliced = gptq_scales.refit_scales(w, h, codes, scale, None, torch.float32)
     assert calls[0] == 64 and calls[1:] == [10] * 6 + [4]
+    # The same scales up to the last bits: BLAS may order a batched solve differently per batch size.
     torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=0)
-    assert ((sliced - whole).abs() > 0).float().mean() < 0.05  # the same scales but for rare last bits
