@@ -21,6 +21,7 @@ GROUP64_ASYM = {**GROUP64, "symmetric": False}
 
 def recipe(config: str):
     from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
@@ -34,6 +35,14 @@ def recipe(config: str):
         "W8A8 SmoothQuant + GPTQ": [SmoothQuantModifier(smoothing_strength=0.8),
                                     GPTQModifier(scheme="W8A8", targets=["Linear"], ignore=["lm_head"])],
         "FP8_DYNAMIC": [QuantizationModifier(scheme="FP8_DYNAMIC", targets=["Linear"], ignore=["lm_head"])],
+        # Pruning (benchmarks/sparsity.py): the output layer left dense, as ours leaves it.
+        "SparseGPT 50%": [SparseGPTModifier(sparsity=0.5, ignore=["re:.*lm_head"])],
+        "SparseGPT 2:4": [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])],
+        "Wanda 50%": [WandaPruningModifier(sparsity=0.5, ignore=["re:.*lm_head"])],
+        "Wanda 2:4": [WandaPruningModifier(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])],
+        "SparseGPT 2:4 + W4A16 g64 GPTQ": [
+            SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"]),
+            GPTQModifier(config_groups=groups(GROUP64), ignore=["lm_head"])],
     }[config]
 
 

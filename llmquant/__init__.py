@@ -8,6 +8,7 @@
     loaded = llmquant.load_model("out/")          # our runtime, quantized layers
     llmquant.distill(teacher, student_layers=15, steps=500, output="student/")  # smaller, retrained
     llmquant.export("out/", "model.gguf")         # a GGUF file for llama.cpp, checked code for code
+    llmquant.prune("org/model", pattern="2:4", output="pruned/")   # SparseGPT 2:4, a dense checkpoint
 
 Names are imported on first use, so `import llmquant` (and every CLI start) does not pay for
 torch and transformers until a command needs them.
@@ -47,11 +48,11 @@ _EXPORTS = {
     "DistillRecipe": "llmquant.distill.recipe",
     "DistillResult": "llmquant.distill.api",
 }
-__all__ = sorted(_EXPORTS) + ["__version__", "distill", "export"]
+__all__ = sorted(_EXPORTS) + ["__version__", "distill", "export", "prune"]
 
 
 def __getattr__(name: str):
-    if name in ("distill", "export"):  # callable packages: llmquant.distill(...), llmquant.export(...)
+    if name in ("distill", "export", "prune"):  # callable packages: llmquant.distill(...), llmquant.prune(...)
         return import_module(f"llmquant.{name}")
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)

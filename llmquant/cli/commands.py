@@ -10,6 +10,8 @@ COMMANDS = {
     "serve": ("llmquant.cli.serve_cmd", "serve a model through an OpenAI-compatible HTTP API"),
     "distill": ("llmquant.cli.distill_cmd",
                 "make a smaller student from a teacher and train it to match the teacher"),
+    "prune": ("llmquant.cli.prune_cmd",
+              "set weights to zero (SparseGPT, Wanda, magnitude; unstructured or 2:4) and save the model"),
     "export": ("llmquant.cli.export_cmd",
                "write a model or a quantized folder as a GGUF file for llama.cpp, checked code for code"),
     "push": ("llmquant.cli.push_cmd", "publish a model folder to the Hugging Face Hub with a model card"),

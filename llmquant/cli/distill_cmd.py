@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prune KV groups (with their query heads) to this many per layer")
     s.add_argument("--student-config", default=None, metavar="FILE",
                    help="a fresh student from this config.json / .yaml (same tokenizer as the teacher)")
+    s.add_argument("--student-init", default=None, metavar="FOLDER",
+                   help="start from this model folder as it is, e.g. `llmquant prune`'s output: its zero "
+                   "weights stay zero through training (recovery of a pruned model; with --qat-scheme too)")
     d = p.add_argument_group("data and training")
     d.add_argument("--data", "--dataset", dest="dataset", default=None,
                    help="builtin (default), a .txt/.jsonl/.parquet file, or a Hub dataset name[:config]; "
@@ -130,6 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # Flags that shape a student or a KD loss: meaningless with --self (the student is the quantized folder).
 NOT_WITH_SELF = ("student_layers", "keep_layers", "intermediate_size", "num_key_value_heads", "student_config",
+                 "student_init",
                  "grad_accum", "mixed_precision", "optimizer", "eval_every", "eval_tokens", "save_every",
                  "divergence", "temperature", "kd_weight", "hidden_weight", "teacher_mode", "teacher_cache",
                  "teacher_endpoint", "teacher_endpoint_model", "qat_scheme", "qat_group_size", "recipe")
@@ -149,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     result = distill(
         args.teacher, output=args.output, recipe=args.recipe, student_layers=args.student_layers,
         keep_layers=args.keep_layers, intermediate_size=args.intermediate_size,
-        num_key_value_heads=args.num_key_value_heads, student_config=args.student_config, dataset=args.dataset,
+        num_key_value_heads=args.num_key_value_heads, student_config=args.student_config,
+        student_init=args.student_init, dataset=args.dataset,
         text_field=args.text_field, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         seq_len=args.seq_len, lr=args.lr, mixed_precision=args.mixed_precision, optimizer=args.optimizer,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=args.save_every, seed=args.seed,
@@ -190,8 +195,9 @@ def run_self(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, train=args.self_train, loss=args.self_loss, top_k=args.top_k, seed=args.seed,
         **model_kwargs(args))
     h = result.report["held_out"]
-    print(f"\nheld-out perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} "
-          f"(original {h['perplexity_original']:.3f})")
+    if h:
+        print(f"\nheld-out perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} "
+              f"(original {h['perplexity_original']:.3f})")
     if result.verification:
         v = result.verification
         print(f"verification (reloaded vs original): mean KL {v['kl_mean']:.5f}, top-1 agreement "

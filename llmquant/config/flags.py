@@ -20,6 +20,7 @@ from llmquant.config.args import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
 from llmquant.config.fields import reject_unknown_keys
 from llmquant.config.options import LoadOptions, RunOptions, VerifyOptions
 from llmquant.config.presets import PRESETS
+from llmquant.config.sparsity import PRUNE_METHODS
 from llmquant.config.recipe import GROUP_SIZE_FALLBACKS, MOE_CALIBRATION_MODES, Recipe, recipe_from_scheme
 from llmquant.errors import InvalidConfigError
 
@@ -27,9 +28,10 @@ DEFAULT_SCHEME = "W4A16"
 RECIPE, LOAD, VERIFY, RUN = "recipe", "load", "verification", "run"
 OPTION_CLASSES = {LOAD: LoadOptions, VERIFY: VerifyOptions, RUN: RunOptions}
 
-WHAT, OBSERVERS, GPTQ, SELF_DISTILL, DATA, MEMORY, CHECK, HUB = (
+WHAT, OBSERVERS, GPTQ, PRUNE, SELF_DISTILL, DATA, MEMORY, CHECK, HUB = (
     "what to quantize", "observers (how ranges are chosen)",
     "GPTQ (rounding that corrects each column's error with the next columns)",
+    "pruning (weights set to zero before rounding; with --gptq, inside GPTQ's pass with the mask held fixed)",
     "self-distillation (the original model teaches its quantized copy; same checkpoint format)",
     "calibration data (activation schemes and GPTQ)", "memory (models larger than RAM or the GPU)",
     "verification", "publishing")
@@ -139,6 +141,18 @@ QUANTIZE_FLAGS: tuple[Flag, ...] = (
     Flag("max_ppl_increase", RECIPE, ("--max-ppl-increase",),
          "mixed precision: upgrade sensitive layers until the estimated perplexity increase is at most P percent",
          WHAT, cli=dict(type=float, metavar="P"), exclusive="mixed", apply=overrides.mixed_precision),
+    Flag("prune", RECIPE, ("--prune",),
+         "prune the targeted layers before rounding: magnitude (|W|), wanda (|W| x input norm, per output row) "
+         "or sparsegpt (error feedback with the calibration Hessian)", PRUNE,
+         cli=dict(choices=PRUNE_METHODS), negative=("--no-prune", "no pruning even if the recipe asks for it"),
+         exclusive="prune", apply=overrides.sparsity_field("method")),
+    Flag("sparsity", RECIPE, ("--sparsity",),
+         "fraction of each pruned layer's weights set to zero (unstructured; default 0.5)", PRUNE,
+         cli=dict(type=float, metavar="F"), apply=overrides.sparsity_field("sparsity")),
+    Flag("sparsity_pattern", RECIPE, ("--sparsity-pattern",),
+         "unstructured (default) or N:M, e.g. 2:4 (at most 2 nonzero weights in every 4 consecutive inputs: "
+         "the layout of NVIDIA's sparse tensor cores) or 4:8", PRUNE, cli=dict(metavar="PATTERN"),
+         apply=overrides.sparsity_field("pattern")),
     Flag("self_distill", RECIPE, ("--self-distill",),
          "after quantizing, train what the checkpoint format lets change (scales, zero points, norms; "
          "--self-distill-train adds rounding) so the quantized model matches the original's top-k "

@@ -171,3 +171,19 @@ def self_distill_field(key: str):
         current = data.get("self_distill") or SelfDistillConfig().to_dict()
         data["self_distill"] = {**current, key: list(value) if isinstance(value, (list, tuple)) else value}
     return apply
+
+
+def sparsity_field(key: str):
+    """The setter of one pruning field (`prune` is the method): any of them turns pruning on with
+    the recipe's (or the default) settings for the others; prune=False turns it off."""
+    def apply(data: dict, value, given: dict) -> None:
+        from llmquant.config.sparsity import SparsityConfig
+
+        if key == "method" and value is False:
+            data["sparsity"] = None
+            return
+        if given.get("prune") is False:
+            raise InvalidConfigError(f"{key} was given with pruning turned off (--no-prune); drop one or the other.")
+        current = data.get("sparsity") or {k: v for k, v in SparsityConfig().to_dict().items() if k != "sparsity"}
+        data["sparsity"] = {**current, key: value}
+    return apply

@@ -22,6 +22,9 @@
       refit_rounds: 1          # least-squares refits of the INT scales to the rounded values
     self_distill:              # after rounding: the original teaches the quantized copy (config/self_distill.py)
       steps: 200
+    sparsity:                  # pruning before rounding; inside GPTQ's pass when gptq is set (config/sparsity.py)
+      method: sparsegpt
+      pattern: "2:4"
     calibration:
       dataset: builtin
       num_samples: 128
@@ -49,6 +52,7 @@ from llmquant.config.args import QuantArgs, QuantScheme, reject_unknown_keys
 from llmquant.config.fields import check_fields, check_mapping, check_value, choices, describe_value, described
 from llmquant.config.presets import PRESETS, SMOOTHQUANT_BY_DEFAULT, preset
 from llmquant.config.self_distill import SelfDistillConfig
+from llmquant.config.sparsity import SparsityConfig
 from llmquant.errors import InvalidConfigError
 from llmquant.quant.pipeline.targets import validate_patterns
 
@@ -193,7 +197,7 @@ class RoundingConfig:
 
 # The recipe's optional sections, each a step of the pipeline, in the order they run.
 STEP_SECTIONS = ("mixed_precision", "smoothquant", "awq", "gptq")
-SECTIONS = ("quantize", "smoothquant", "awq", "mixed_precision", "gptq", "self_distill", "calibration")
+SECTIONS = ("quantize", "smoothquant", "awq", "mixed_precision", "gptq", "self_distill", "sparsity", "calibration")
 QUANTIZE_KEYS = ("scheme", "weights", "input_activations", "targets", "ignore", "group_size_fallback")
 # Where each Recipe field lives in the YAML, for messages about a wrong type.
 _YAML_PATHS = {"scheme_name": "quantize.scheme", "targets": "quantize.targets", "ignore": "quantize.ignore",
@@ -224,6 +228,7 @@ class Recipe:
     awq: AWQConfig | None = None
     mixed_precision: MixedPrecisionConfig | None = None
     self_distill: SelfDistillConfig | None = None
+    sparsity: SparsityConfig | None = None
     # The group size is a preset's default, which quantize() may lower to one that divides every
     # layer's width (pipeline/plan.py). Not part of the recipe file: a recipe that is written down
     # (or a group size that was asked for) is used as it is.
@@ -250,16 +255,23 @@ class Recipe:
                                      f"got {self.group_size_fallback!r}.")
         if not self.targets:
             raise InvalidConfigError("targets is empty: nothing would be quantized.")
+        if self.sparsity is not None and self.self_distill is not None and \
+                {"rounding", "zero_points"} & set(self.self_distill.train):
+            raise InvalidConfigError("Self-distillation of a pruned model trains scales and norms only: a trained "
+                                     "zero point or rounding offset would make pruned weights nonzero "
+                                     "(self_distill.train: [scales, norms]).")
         validate_patterns(self.targets, "targets")
         validate_patterns(self.ignore, "ignore")
 
     def steps(self) -> list:
         """The configs of the steps this recipe runs, in order (pipeline/steps.py runs each):
-        mixed precision, SmoothQuant, AWQ, GPTQ where set, then rounding of what remains, then
-        self-distillation of the quantized model where set."""
-        configs = [getattr(self, name) for name in STEP_SECTIONS]
+        mixed precision, SmoothQuant, AWQ, pruning (its own step only without GPTQ: with GPTQ it
+        runs inside GPTQ's pass, on the same Hessians), GPTQ where set, then rounding of what
+        remains, then self-distillation of the quantized model where set."""
+        mixed, smooth, awq, gptq = (getattr(self, name) for name in STEP_SECTIONS)
+        prune = self.sparsity if gptq is None else None
         tail = [self.self_distill] if self.self_distill is not None else []
-        return [c for c in configs if c is not None] + [RoundingConfig()] + tail
+        return [c for c in (mixed, smooth, awq, prune, gptq) if c is not None] + [RoundingConfig()] + tail
 
     @property
     def name(self) -> str:
@@ -282,6 +294,7 @@ class Recipe:
             "mixed_precision": dataclasses.asdict(self.mixed_precision) if self.mixed_precision else None,
             "gptq": dataclasses.asdict(self.gptq) if self.gptq else None,
             "self_distill": self.self_distill.to_dict() if self.self_distill else None,
+            "sparsity": self.sparsity.to_dict() if self.sparsity else None,
             "calibration": dataclasses.asdict(self.calibration),
         }
 
@@ -323,10 +336,12 @@ class Recipe:
         mixed = MixedPrecisionConfig.from_dict(mp) if mp is not None else None
         sd = data.get("self_distill")
         self_distill = SelfDistillConfig.from_dict(sd) if sd is not None else None
+        sp = data.get("sparsity")
+        sparsity = SparsityConfig.from_dict(sp) if sp is not None else None
         return cls(scheme=QuantScheme(weights=weights, input_activations=acts),
                    scheme_name=name.upper() if name else None, calibration=calibration,
                    smoothquant=smoothquant, gptq=gptq, awq=awq,
-                   mixed_precision=mixed, self_distill=self_distill, **kwargs)
+                   mixed_precision=mixed, self_distill=self_distill, sparsity=sparsity, **kwargs)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -358,7 +373,7 @@ class Recipe:
         if input_activations and a is not None:
             a = _merge_args(a, input_activations, "input_activations")
         changes = {k: v for k, v in fields.items() if v is not None}
-        for optional in ("smoothquant", "gptq", "awq", "mixed_precision", "self_distill"):
+        for optional in ("smoothquant", "gptq", "awq", "mixed_precision", "self_distill", "sparsity"):
             if changes.get(optional) is False:
                 changes[optional] = None
         return dataclasses.replace(self, scheme=QuantScheme(weights=w, input_activations=a), **changes)

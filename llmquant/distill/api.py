@@ -55,12 +55,13 @@ def build_distill_recipe(recipe: str | os.PathLike | DistillRecipe | None = None
                          kd_weight: float | None = None, hidden_weight: float | None = None,
                          teacher_mode: str | None = None, teacher_cache: str | None = None,
                          top_k: int | None = None, teacher_endpoint: str | None = None,
-                         qat_scheme: str | None = None, qat_group_size: int | None = None) -> DistillRecipe:
+                         qat_scheme: str | None = None, qat_group_size: int | None = None,
+                         student_init: str | None = None) -> DistillRecipe:
     """The recipe from a file / object (or the defaults), with explicit arguments on top."""
     rec = recipe if isinstance(recipe, DistillRecipe) else (
         DistillRecipe.load(recipe) if recipe is not None else DistillRecipe())
     student_args = dict(num_layers=student_layers, keep_layers=keep_layers, intermediate_size=intermediate_size,
-                        num_key_value_heads=num_key_value_heads, config=student_config)
+                        num_key_value_heads=num_key_value_heads, config=student_config, init=student_init)
     if any(v is not None for v in student_args.values()):
         # A student given on the command line replaces the recipe's way of making one.
         rec = DistillRecipe.from_dict({**rec.to_dict(), "student": {k: v for k, v in student_args.items()
@@ -97,7 +98,7 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
             resume: bool = False, overwrite: bool = False, revision: str | None = None, dtype: str = "auto",
             device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
             progress: bool = True, on_step=None, push_to_hub: str | None = None,
-            private: bool = False) -> DistillResult:
+            private: bool = False, student_init: str | os.PathLike | None = None) -> DistillResult:
     """Distill `teacher` (a source as for `load_model`, None for the demo model, or a `LoadedModel`)
     into a smaller student and save it to `output`.
 
@@ -123,10 +124,12 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
         mixed_precision=mixed_precision, optimizer=optimizer, eval_every=eval_every, eval_tokens=eval_tokens,
         save_every=save_every, seed=seed, divergence=divergence, temperature=temperature, kd_weight=kd_weight,
         hidden_weight=hidden_weight, teacher_mode=teacher_mode, teacher_cache=teacher_cache, top_k=top_k,
-        teacher_endpoint=teacher_endpoint, qat_scheme=qat_scheme, qat_group_size=qat_group_size)
+        teacher_endpoint=teacher_endpoint, qat_scheme=qat_scheme, qat_group_size=qat_group_size,
+        student_init=str(student_init) if student_init is not None else None)
     if rec.student.is_empty:
         raise InvalidConfigError("Say how to make the student: --student-layers N (keep the N most important "
-                                 "layers), --keep-layers, --intermediate-size / --kv-heads, or --student-config FILE.")
+                                 "layers), --keep-layers, --intermediate-size / --kv-heads, --student-config FILE, "
+                                 "or --student-init FOLDER.")
     output = check_output_dir(output, overwrite)
     if push_to_hub is not None:
         from llmquant.hub.push import check_push_target
@@ -172,6 +175,14 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
         apply_fake_quant(student, qat_plan["scheme"], scale_dtype=loaded.source_dtype)
         _say(progress, f"quantization-aware training: {qat_plan['scheme'].describe()}")
 
+    masks = None
+    if rec.student.init is not None:
+        from llmquant.prune.masks import zero_masks
+
+        masks = zero_masks(student)
+        if masks:
+            zeros = sum(int((~m).sum()) for _, m in masks) / sum(m.numel() for _, m in masks)
+            _say(progress, f"pruned student: {len(masks)} weight matrices, {zeros:.1%} zeros held at zero in training")
     teacher_model = loaded.model if (uses_teacher and cache is None) else None
     if teacher_model is None and not isinstance(teacher, LoadedModel):
         loaded.model = None  # offline or CE-only: the teacher leaves memory before training
@@ -181,7 +192,7 @@ def distill(teacher=None, *, output: str | os.PathLike, recipe: str | os.PathLik
     evaluate = _held_out_perplexity(tokenizer, rec) if rec.train.eval_every else None
     trainer = Trainer(student, rec, windows=windows, teacher=teacher_model, cache=cache,
                       kept_layers=plan.kept_layers if plan else None, checkpoint_dir=ckpt_dir, evaluate=evaluate,
-                      progress=progress, on_step=on_step)
+                      progress=progress, on_step=on_step, masks=masks)
     _say(progress, f"training {rec.train.steps} steps of {rec.train.batch_size} x {rec.train.seq_len} tokens"
          f" x {rec.train.grad_accum} accumulation ({'CE only' if not uses_teacher else rec.loss.divergence}, "
          f"teacher {'offline cache' if cache else 'online' if uses_teacher else 'unused'})")
@@ -255,6 +266,18 @@ def _make_student(loaded, rec: DistillRecipe, windows: torch.Tensor, progress: b
     if s.config is not None:
         _say(progress, f"student: a fresh model from {s.config}")
         return student_from_config(s.config, loaded.tokenizer), None
+    if s.init is not None:
+        from llmquant.loading import load_model
+
+        start = load_model(s.init, dtype="float32")
+        if start.quantization_config is not None:
+            raise InvalidConfigError(f"{s.init} is quantized: start from its float model (e.g. `llmquant prune`'s "
+                                     "output) and add --qat-scheme to train it quantization-aware.")
+        if len(start.tokenizer) != len(loaded.tokenizer):
+            raise InvalidConfigError(f"{s.init} has another vocabulary ({len(start.tokenizer)} tokens) than the "
+                                     f"teacher ({len(loaded.tokenizer)}).")
+        _say(progress, f"student: {s.init} as it is")
+        return start.model, None
     batches = windows[: rec.data.calibration_samples]
     student, plan = make_student(loaded.model, batches, num_layers=s.num_layers, keep_layers=s.keep_layers,
                                  intermediate_size=s.intermediate_size, num_key_value_heads=s.num_key_value_heads)

@@ -58,6 +58,8 @@ class StudentConfig(_Section):
     intermediate_size: int | None = None  # prune MLP neurons to this many per layer
     num_key_value_heads: int | None = None  # prune KV groups (with their query heads)
     config: str | None = None             # or a fresh model from this config (json/yaml)
+    init: str | None = None               # or this model folder as it is (e.g. `llmquant prune`'s output):
+    #                                       its pruned (zero) weights stay zero through training
 
     def __post_init__(self) -> None:
         _check(not (self.num_layers is not None and self.keep_layers is not None),
@@ -66,6 +68,8 @@ class StudentConfig(_Section):
                                               self.num_key_value_heads))
         _check(not (pruning and self.config), "student: a config builds a fresh model; it cannot be combined "
                "with pruning the teacher (num_layers, keep_layers, intermediate_size, num_key_value_heads).")
+        _check(not (self.init and (pruning or self.config)), "student: init starts from a model folder as it is; "
+               "it cannot be combined with config or with pruning the teacher.")
         for name in ("num_layers", "intermediate_size", "num_key_value_heads"):
             v = getattr(self, name)
             _check(v is None or (isinstance(v, int) and v >= 1), f"student.{name} must be a positive integer.")

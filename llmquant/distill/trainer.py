@@ -94,9 +94,12 @@ class Trainer:
                  teacher: nn.Module | None = None, cache: TeacherCache | None = None,
                  kept_layers: list[int] | None = None, checkpoint_dir: Path | None = None,
                  evaluate: Callable[[nn.Module], float] | None = None, progress: bool = True,
-                 on_step: Callable[[int, dict], None] | None = None, param_groups: list[dict] | None = None):
+                 on_step: Callable[[int, dict], None] | None = None, param_groups: list[dict] | None = None,
+                 masks: list[tuple[nn.Parameter, torch.Tensor]] | None = None):
         """`param_groups`: what the optimizer trains, as torch param groups with their own lr
-        (self-distillation); by default every parameter of the student at the recipe's lr."""
+        (self-distillation); by default every parameter of the student at the recipe's lr.
+        `masks`: (weight, keep) pairs of a pruned student: after every step, the weight is zero
+        wherever keep is False (prune/masks.zero_masks)."""
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
@@ -131,6 +134,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
             self.train_cfg.schedule, self.train_cfg.warmup_steps, self.train_cfg.steps, self.train_cfg.min_lr_ratio))
         self.model, self.optimizer = self.accelerator.prepare(student, optimizer)
+        self.masks = [(p, m.to(p.device)) for p, m in (masks or [])]
 
     def _build_projections(self, student, kept, device) -> None:
         s_cfg, t_cfg = student.config, self.teacher.config
@@ -265,9 +269,16 @@ class Trainer:
                                 cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        self._hold_masks()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"step": step + 1, "loss": total, "lr": lr, **sums}
+
+    def _hold_masks(self) -> None:
+        """A pruned weight stays zero: the optimizer's update there (momentum, weight decay) is undone."""
+        with torch.no_grad():
+            for p, keep in self.masks:
+                p.mul_(keep)
 
     def _evaluate(self) -> float:
         model = self.accelerator.unwrap_model(self.model)

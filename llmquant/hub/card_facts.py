@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from llmquant.quant.pipeline.report import REPORT_JSON
+from llmquant.quant.pipeline.report import PRUNE_REPORT_JSON, REPORT_JSON, self_distill_line, sparsity_line
 
 RECIPE_FILE = "recipe.yaml"
 CARD_FILE = "README.md"
@@ -54,6 +54,7 @@ class CardFacts:
     calibration: dict | None = None
     verification: dict | None = None
     self_distill: str | None = None  # one line: what self-distillation did, held-out perplexity before / after
+    sparsity: str | None = None  # one line: how the model was pruned, its measured fraction of zeros
     versions: dict = field(default_factory=dict)
     checkpoint_bytes: int | None = None
     architecture: str | None = None
@@ -70,6 +71,8 @@ class CardFacts:
             tags.append(self.scheme.lower().replace("_", "-"))
         if self.relation == "distillation":
             tags.append("distillation")
+        if self.sparsity:
+            tags.append("sparse")
         return tags
 
 
@@ -97,6 +100,16 @@ def gather_facts(folder: Path, repo_id: str, *, base_model: str | None = None, r
     report = _read_json(folder / REPORT_JSON, facts)
     if isinstance(report, dict):
         _facts_from_report(report, facts)
+    pruned = _read_json(folder / PRUNE_REPORT_JSON, facts, quiet=True)
+    if isinstance(pruned, dict):  # `llmquant prune`'s output (a dense checkpoint)
+        facts.sparsity = _line(sparsity_line, pruned.get("sparsity"))
+        if isinstance(pruned.get("verification"), dict):
+            facts.verification = pruned["verification"]
+        if isinstance(pruned.get("calibration"), dict):
+            facts.calibration = {"description": "{num_samples} x {seq_len} tokens from {dataset}".format(
+                **{k: pruned["calibration"].get(k) for k in ("num_samples", "seq_len", "dataset")})}
+        if isinstance(pruned.get("source"), str):
+            facts.source_description = pruned["source"]
 
     if relation is None and (qcfg or facts.recipe_yaml):
         relation = "quantized"
@@ -134,13 +147,8 @@ def _facts_from_report(report: dict, facts: CardFacts) -> None:
         facts.scheme = (recipe.get("quantize") or {}).get("scheme")
     facts.calibration = report.get("calibration") if isinstance(report.get("calibration"), dict) else None
     facts.verification = report.get("verification") if isinstance(report.get("verification"), dict) else None
-    if isinstance(report.get("self_distill"), dict):
-        from llmquant.quant.pipeline.report import self_distill_line
-
-        try:
-            facts.self_distill = self_distill_line(report["self_distill"])
-        except (KeyError, TypeError, ValueError):  # a report edited by hand: leave the line out
-            facts.self_distill = None
+    facts.self_distill = _line(self_distill_line, report.get("self_distill"))
+    facts.sparsity = _line(sparsity_line, report.get("sparsity"))
     env = report.get("environment")
     facts.versions = {k: v for k, v in env.items() if k in ("llmquant", "torch", "transformers")} \
         if isinstance(env, dict) else {}
@@ -237,6 +245,16 @@ def _numeric_leaves(data, prefix: str):
             yield from _numeric_leaves(v, f"{prefix}.{k}" if prefix else str(k))
     elif _is_number(data):
         yield prefix, data
+
+
+def _line(describe, section) -> str | None:
+    """One report line from a report section, or None (absent, or a report edited by hand)."""
+    if not isinstance(section, dict):
+        return None
+    try:
+        return describe(section)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _read_json(path: Path, facts: CardFacts, quiet: bool = False):

@@ -83,6 +83,8 @@ def _what_was_done(facts: CardFacts) -> str:
         lines.append("- Calibration data: none (a weight-only scheme needs no activation statistics)")
     if facts.self_distill:
         lines.append("- " + facts.self_distill[0].upper() + facts.self_distill[1:])
+    if facts.sparsity:
+        lines.append("- " + facts.sparsity[0].upper() + facts.sparsity[1:])
     if facts.verification:
         v = facts.verification
         try:

@@ -135,7 +135,7 @@ def error_feedback(W: Tensor, Hinv: Tensor, block_size: int,
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w = W1[:, i]
-            dq = round_column(i1 + i, w, lambda n, i=i: torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :n])
+            dq = round_column(i1 + i, w, lambda n, i=i: _ahead(W1, W, i, i2, n))
             err = (w - dq) / Hinv1[i, i]
             W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))
             Err1[:, i] = err
@@ -144,17 +144,29 @@ def error_feedback(W: Tensor, Hinv: Tensor, block_size: int,
     return loss
 
 
+def _ahead(W1: Tensor, W: Tensor, i: int, i2: int, n: int) -> Tensor:
+    """The n columns from this block's column i on: this block's, then the next blocks' (only as
+    many as needed: N:M pruning asks for a few columns every few columns)."""
+    inside = W1.shape[1] - i
+    if n <= inside:
+        return W1[:, i:i + n]
+    return torch.cat([W1[:, i:], W[:, i2:i2 + n - inside]], dim=1)
+
+
 def _error_feedback(W: Tensor, Hinv: Tensor, args: QuantArgs, scales: Tensor, zps: Tensor | None,
                     col_group: list[int], gs: int, static: bool, block_size: int, scale_dtype: torch.dtype,
-                    stored: Tensor, deq: Tensor, importance: Tensor | None) -> float:
+                    stored: Tensor, deq: Tensor, importance: Tensor | None, keep: Tensor | None) -> float:
     """`error_feedback` on our INT/FP8 grids; fills `stored`/`deq` and the dynamic group scales
-    in place."""
+    in place. Where `keep` is False the weight is pruned: it rounds to the code of exactly zero and
+    its whole value is error fed to the columns not yet rounded."""
     col_args = _column_args(args)
 
     def round_column(c: int, w: Tensor, ahead: Callable[[int], Tensor]) -> Tensor:
         g = col_group[c]
+        if keep is not None:
+            w = w * keep[:, c]
         if not static and c % gs == 0:
-            cols = ahead(gs)
+            cols = ahead(gs) if keep is None else ahead(gs) * keep[:, c:c + gs]
             if importance is not None:
                 s, z = hessian_weighted_qparams(cols.unsqueeze(1), importance[c:c + gs].unsqueeze(0), args,
                                                 scale_dtype)
@@ -183,17 +195,22 @@ def _static_qparams(W: Tensor, H: Tensor, args: QuantArgs, scale_dtype: torch.dt
 def gptq_quantize_weight(weight: Tensor, hessian: Tensor, args: QuantArgs, *,
                          block_size: int = DEFAULT_BLOCK_SIZE, dampening: float = DEFAULT_DAMPENING,
                          act_order: bool = False, scale_dtype: torch.dtype = torch.float32,
-                         weighted_clipping: bool = False, refit_rounds: int = 0) -> GPTQResult:
+                         weighted_clipping: bool = False, refit_rounds: int = 0,
+                         keep: Tensor | None = None) -> GPTQResult:
     """Quantize a (out, in) weight with GPTQ against the inputs summarized by `hessian` (in, in).
 
     `args` is the weight's QuantArgs (any strategy: tensor, channel, group; INT4/INT8/FP8) and
     chooses the observer for the scales; scales are rounded to `scale_dtype` as stored.
     `weighted_clipping` picks INT scales by the Hessian-weighted clipping search instead
     (gptq_scales.py). `refit_rounds` > 0 refits the INT scales by least squares on the codes;
-    each further round runs GPTQ again with the refitted scales fixed, then refits again."""
+    each further round runs GPTQ again with the refitted scales fixed, then refits again.
+    `keep` (out, in) bool, from pruning: the weights where it is False stay exactly zero (their
+    codes are those of zero) and the others absorb their error, as in SparseGPT."""
     if block_size < 1:
         raise ValueError("block_size must be positive")
     W0 = weight.detach().float().clone()  # (out, in)
+    if keep is not None:
+        W0 *= keep.to(W0.device)
     out_f, in_f = W0.shape
     H = hessian.detach().float().to(W0.device).clone()
     if H.shape != (in_f, in_f):
@@ -234,7 +251,8 @@ def gptq_quantize_weight(weight: Tensor, hessian: Tensor, args: QuantArgs, *,
         W = W0[:, perm] if perm is not None else W0.clone()
         with few_threads(W0.device):
             loss = _error_feedback(W, Hinv, args, scales, zps, col_group, gs, static or round_index > 0,
-                                   block_size, scale_dtype, stored, deq, importance)
+                                   block_size, scale_dtype, stored, deq, importance,
+                                   None if keep is None else (keep[:, perm] if perm is not None else keep).to(W.device))
         if perm is not None:
             inverse = torch.argsort(perm)
             stored, deq = stored[:, inverse].contiguous(), deq[:, inverse].contiguous()

@@ -26,6 +26,8 @@ from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.pipeline.plan import LayerPlan
 from llmquant.quant.primitives import sqnr_db
 from llmquant.config.recipe import GPTQConfig
+from llmquant.config.sparsity import SparsityConfig
+from llmquant.prune.methods import prune_weight
 from llmquant.quant.pipeline.report import LayerReport
 from llmquant.quant.pipeline.targets import set_submodule
 
@@ -49,8 +51,10 @@ class GPTQHandler:
     """The `LayerHandler` of `run_sequential` for GPTQ (see the module docstring)."""
 
     def __init__(self, model: nn.Module, plans: list[LayerPlan], config: GPTQConfig, storage_dtype: torch.dtype,
-                 *, moe_calibration: str = "routed", min_expert_tokens: int = 1, total_tokens: int = 0):
+                 *, moe_calibration: str = "routed", min_expert_tokens: int = 1, total_tokens: int = 0,
+                 sparsity: SparsityConfig | None = None):
         self.model, self.config, self.storage_dtype = model, config, storage_dtype
+        self.sparsity = sparsity  # prune each weight on its Hessian first, then round with the mask fixed
         self.plans = {p.name: p for p in plans if p.scheme is not None}
         self.reports: dict[str, LayerReport] = {}
         self.stats: dict[str, ActivationStats] = {}
@@ -123,9 +127,15 @@ class GPTQHandler:
         weight = torch.cat([m.weight.detach() for m in modules], dim=0)  # (sum of out, in)
         scale_dtype = scale_dtype_for(scheme, self.storage_dtype)
         cfg = self.config
+        keep = None
+        if self.sparsity is not None:
+            # Each layer pruned on its own (its fraction, its threshold), on the Hessian they share.
+            pruned = [prune_weight(m.weight.detach(), hessian, self.sparsity) for m in modules]
+            weight, keep = torch.cat([p.weight for p in pruned]), torch.cat([p.keep for p in pruned])
         result = gptq_quantize_weight(weight, hessian, scheme.weights, block_size=cfg.block_size,
                                       dampening=cfg.dampening, act_order=cfg.act_order, scale_dtype=scale_dtype,
-                                      weighted_clipping=cfg.weighted_clipping, refit_rounds=cfg.refit_rounds)
+                                      weighted_clipping=cfg.weighted_clipping, refit_rounds=cfg.refit_rounds,
+                                      keep=keep)
         row = 0
         for name, module in zip(names, modules):
             rows = slice(row, row + module.out_features)

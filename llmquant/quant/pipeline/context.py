@@ -25,8 +25,8 @@ REPORT_PASS_SAMPLES = 8  # dynamic schemes need no calibration; a few samples fe
 class DataPass:
     """One pass of text through the model: which step, what for, and how much it read."""
 
-    step: str  # "mixed_precision", "smoothquant", "awq", "gptq", "static_scales", "activation_report",
-    # "self_distill", "verification"
+    step: str  # "mixed_precision", "smoothquant", "awq", "sparsity", "gptq", "static_scales",
+    # "activation_report", "self_distill", "verification"
     purpose: str  # in words, for the report
     samples: int
     seq_len: int
@@ -67,6 +67,7 @@ class StepContext:
     after_save: list = field(default_factory=list)  # callables run once the checkpoint is in place
     teacher: torch.nn.Module | None = None  # self-distillation: the original model, copied before the first step
     self_distill: dict | None = None  # self-distillation's result, for the report
+    pruning: dict | None = None  # the pruning step's per-layer reports (name -> dict), without GPTQ
     _batches: torch.Tensor | None = None
 
     @property

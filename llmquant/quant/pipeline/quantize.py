@@ -33,6 +33,7 @@ from llmquant.quant.pipeline.finish import (environment, finalize_report, save_a
                                             stream_and_save, verify_in_memory, verify_windows)
 from llmquant.quant.pipeline.plan import auto_group_size, plan_layers
 from llmquant.quant.pipeline.report import QuantReport
+from llmquant.quant.pipeline.sparsity_report import measure_sparsity
 from llmquant.quant.pipeline.steps import run_steps
 from llmquant.quant.pipeline.targets import linear_layers
 from llmquant.quant.pipeline.verify import Agreement, reference_logprobs
@@ -86,6 +87,9 @@ def quantize(model=None, recipe: Recipe | str | os.PathLike | None = None, *, lo
     load_seconds = time.perf_counter() - t
     if loaded.weights is not None:
         _check_streamable(run)
+        if rec.sparsity is not None:
+            raise InvalidConfigError("Pruning runs on a model held in memory, and this model was loaded to be "
+                                     "streamed one layer at a time: load it whole.")
         if rec.self_distill is not None:
             raise InvalidConfigError("Self-distillation trains the whole quantized model, and this model was loaded "
                                      "to be streamed one layer at a time: load it whole, or quantize it streamed and "
@@ -162,6 +166,8 @@ def _report(ctx: StepContext) -> QuantReport:
             report.layers.append(ctx.layer_reports[plan.name])
     report.coverage = measure_coverage(ctx.net, {p.name: p.note for p in ctx.plans if p.scheme is None and p.note},
                                        rec.targets, rec.ignore)
+    if rec.sparsity is not None:
+        report.sparsity = measure_sparsity(ctx.net, report.layers, rec.sparsity, ctx.pruning or {})
     return report
 
 
@@ -171,7 +177,8 @@ def _load(source, rec: Recipe, load: LoadOptions, checks: VerifyOptions, run: Ru
     from llmquant.loading import ModelSource, load_model, resolve_source
     from llmquant.quant.pipeline.memory_plan import plan_peaks
 
-    if run.stream is False or rec.self_distill is not None:  # self-distillation trains the model in memory
+    # Self-distillation trains the model in memory; pruning runs on the model in memory.
+    if run.stream is False or rec.self_distill is not None or rec.sparsity is not None:
         return load_model(source, **load.kwargs())
     kwargs = load.kwargs()
     revision = kwargs.pop("revision")
@@ -215,6 +222,9 @@ def _preflight(rec: Recipe, run: RunOptions) -> None:
         from llmquant.hub.push import check_push_target
 
         check_push_target(run.push_to_hub)  # a bad repo id or a missing token fails now, not after the work
+    if rec.sparsity is not None and run.stream:
+        raise InvalidConfigError("Pruning runs on a model held in memory; --stream is not available with sparsity "
+                                 "yet: drop --stream.")
     if rec.self_distill is not None and run.stream:
         raise InvalidConfigError("Self-distillation trains the whole quantized model against the original, so it "
                                  "needs both in memory: drop --stream, or quantize streamed first and run "

@@ -18,6 +18,7 @@ from llmquant.quant.pipeline.expert_calibration import ALL_TOKENS
 
 REPORT_JSON = "quantization_report.json"
 REPORT_MD = "quantization_report.md"
+PRUNE_REPORT_JSON, PRUNE_REPORT_MD = "prune_report.json", "prune_report.md"  # `llmquant prune`'s, beside its dense checkpoint
 # Short names of the data passes (context.DataPass.step) for the one-line summary.
 PASS_NAMES = {"mixed_precision": "mixed-precision sensitivity", "smoothquant": "SmoothQuant", "awq": "AWQ",
               "gptq": "GPTQ", "static_scales": "static activation scales", "activation_report": "activation report",
@@ -38,6 +39,7 @@ class LayerReport:
     output_sqnr_db: float | None = None  # GPTQ: layer outputs on the calibration inputs
     note: str | None = None
     calibration_tokens: int | None = None  # MoE experts: calibration tokens routed to the expert
+    sparsity: float | None = None  # pruned models: fraction of the saved weight that is zero
 
     def add_activation_stats(self, stat, static: bool) -> None:
         """The activation columns from a layer's calibration statistics (None: weight-only);
@@ -67,6 +69,7 @@ class QuantReport:
     smoothquant: dict | None = None
     mixed_precision: dict | None = None
     self_distill: dict | None = None  # self-distillation: settings, losses, held-out perplexity before / after
+    sparsity: dict | None = None  # pruning: its settings and the measured fraction of zeros (sparsity_report.py)
     verification: dict | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
@@ -120,6 +123,8 @@ class QuantReport:
                                                for p in self.data_passes))
         if self.self_distill:
             lines.append(self_distill_line(self.self_distill))
+        if self.sparsity:
+            lines.append(sparsity_line(self.sparsity))
         tokens = [r.calibration_tokens for r in self.layers if r.calibration_tokens is not None]
         if tokens:
             fallback = sum(ALL_TOKENS in (r.note or "") for r in self.layers)
@@ -151,6 +156,8 @@ class QuantReport:
                        f"smoothed, {len(self.smoothquant['skipped'])} skipped")
         if self.self_distill:
             out.append(f"- {self_distill_line(self.self_distill)}")
+        if self.sparsity:
+            out.append(f"- {sparsity_line(self.sparsity)}")
         if self.verification:
             v = self.verification
             out.append(f"- verification (reloaded checkpoint vs original): mean KL {v['kl_mean']:.5f}, "
@@ -161,7 +168,8 @@ class QuantReport:
         out += ["", "| layer | shape | scheme | weight SQNR dB | act SQNR dB | act clipped % | note |",
                 "|---|---|---|---:|---:|---:|---|"]
         for r in self.worst_first():
-            out.append(f"| {r.name} | {r.out_features}x{r.in_features} | {r.scheme} | {r.weight_sqnr_db:.2f} | "
+            scheme = r.scheme + (f", {100 * r.sparsity:.1f}% zeros" if r.sparsity is not None else "")
+            out.append(f"| {r.name} | {r.out_features}x{r.in_features} | {scheme} | {r.weight_sqnr_db:.2f} | "
                        f"{_fmt(r.activation_sqnr_db)} | {_fmt(r.activation_clip_pct, 4)} | {r.note or ''} |")
         for name, reason in self.kept_full_precision.items():
             out.append(f"| {name} | | full precision | | | | {reason} |")
@@ -219,3 +227,10 @@ def self_distill_line(sd: dict) -> str:
         line += (f"; held-out perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} "
                  f"(original {h['perplexity_original']:.3f})")
     return line
+
+
+def sparsity_line(sp: dict) -> str:
+    """One line: how the model was pruned and how sparse its targeted weights are."""
+    what = sp["pattern"] if sp["pattern"] != "unstructured" else f"{sp['sparsity']:.0%} unstructured"
+    return (f"sparsity: {sp['method']} {what}; {100 * sp['measured']:.1f}% of the weights of "
+            f"{sp['layers']} pruned layers are zero")

@@ -157,7 +157,8 @@ def calibrate_layer(handler: LayerHandler, k: int, name: str, layer: nn.Module, 
 
 def run_sequential(model: nn.Module, batches: Tensor, handler: LayerHandler, *, batch_size: int = 4,
                    progress: bool = True, start_layer: int = 0, inputs: LayerInputs | None = None,
-                   on_layer_done: Callable[[int, str, nn.Module, LayerInputs], None] | None = None) -> None:
+                   on_layer_done: Callable[[int, str, nn.Module, LayerInputs], None] | None = None,
+                   desc: str = "quantizing layer by layer") -> None:
     """Calibrate and quantize decoder layer by layer (see the module docstring).
 
     `start_layer` with `inputs` (that layer's captured inputs) resumes an interrupted run;
@@ -168,7 +169,7 @@ def run_sequential(model: nn.Module, batches: Tensor, handler: LayerHandler, *, 
         if start_layer:
             raise ValueError("resuming from a later layer needs that layer's inputs")
         inputs = capture_first_inputs(model, layers[0], batches, batch_size, device)
-    bar = tqdm(total=len(layers), initial=start_layer, desc="quantizing layer by layer", unit="layer",
+    bar = tqdm(total=len(layers), initial=start_layer, desc=desc, unit="layer",
                disable=not progress)
     t0, done = time.perf_counter(), 0
     try:

@@ -12,10 +12,12 @@ from typing import Any, Callable
 
 from llmquant.config.recipe import AWQConfig, GPTQConfig, MixedPrecisionConfig, Recipe, RoundingConfig, SmoothQuantConfig
 from llmquant.config.self_distill import SelfDistillConfig
+from llmquant.config.sparsity import SparsityConfig
 from llmquant.errors import InvalidConfigError
 from llmquant.quant.pipeline.context import StepContext
 from llmquant.quant.pipeline.step_gptq import gptq_step
 from llmquant.quant.pipeline.step_mixed import mixed_precision_step
+from llmquant.quant.pipeline.step_prune import prune_step
 from llmquant.quant.pipeline.step_rounding import rounding_step
 from llmquant.quant.pipeline.step_self_distill import self_distill_step
 from llmquant.quant.pipeline.step_smoothing import awq_step, smoothquant_step
@@ -50,6 +52,7 @@ def run_steps(recipe: Recipe, ctx: StepContext) -> None:
 register_step(MixedPrecisionConfig, "mixed_precision", mixed_precision_step)
 register_step(SmoothQuantConfig, "smoothquant", smoothquant_step)
 register_step(AWQConfig, "awq", awq_step)
+register_step(SparsityConfig, "sparsity", prune_step)
 register_step(GPTQConfig, "gptq", gptq_step)
 register_step(RoundingConfig, "rounding", rounding_step)
 register_step(SelfDistillConfig, "self_distill", self_distill_step)

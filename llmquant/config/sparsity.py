@@ -1,0 +1,91 @@
+"""The `sparsity:` recipe section: weight pruning, on its own (`llmquant prune`) or before
+quantization in `llmquant quantize` (llmquant/prune/ runs it).
+
+    sparsity:
+      method: sparsegpt       # magnitude: |W|; wanda: |W| x the input's norm per column;
+                              # sparsegpt: OBS error feedback with the calibration Hessian
+      pattern: unstructured   # or N:M (2:4, 4:8): at most N weights kept in every M consecutive inputs
+      sparsity: 0.5           # fraction of weights set to zero (unstructured; N:M gives 1 - N/M)
+      block_size: 128         # sparsegpt: columns per mask decision and error-feedback block
+      dampening: 0.01         # sparsegpt: fraction of the Hessian's mean diagonal added before inverting
+
+Which layers: the recipe's targets / ignore, as for quantization. With GPTQ in the same recipe,
+pruning runs inside GPTQ's layer-by-layer pass on the same Hessians, and GPTQ then rounds the
+kept weights with the mask held fixed (the pruned weights stay exactly zero).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from llmquant.config.fields import check_fields, check_mapping, choices
+from llmquant.errors import InvalidConfigError
+
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+UNSTRUCTURED = "unstructured"
+_N_OF_M = re.compile(r"^(\d+):(\d+)$")
+DEFAULT_SPARSITY = 0.5
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    method: str = field(default="sparsegpt", metadata=choices(PRUNE_METHODS))
+    pattern: str = UNSTRUCTURED
+    sparsity: float = DEFAULT_SPARSITY
+    block_size: int = 128
+    dampening: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_fields(self, "sparsity")
+        if self.method not in PRUNE_METHODS:
+            raise InvalidConfigError(f"sparsity.method must be one of {', '.join(PRUNE_METHODS)}; "
+                                     f"got {self.method!r}.")
+        if self.pattern != UNSTRUCTURED:
+            n_m = _N_OF_M.match(self.pattern)
+            if n_m is None or not 0 < int(n_m[1]) < int(n_m[2]) or int(n_m[2]) > 64:
+                raise InvalidConfigError(f"sparsity.pattern must be 'unstructured' or N:M with 0 < N < M <= 64 "
+                                         f"(e.g. 2:4, 4:8); got {self.pattern!r}.")
+            implied = 1.0 - int(n_m[1]) / int(n_m[2])
+            if self.sparsity not in (implied, DEFAULT_SPARSITY):  # the default gives way to the pattern's
+                raise InvalidConfigError(f"sparsity.pattern {self.pattern} prunes {implied:.0%} of the weights; "
+                                         f"sparsity {self.sparsity!r} contradicts it (leave it out).")
+            object.__setattr__(self, "sparsity", implied)
+        elif not 0.0 < self.sparsity < 1.0:
+            raise InvalidConfigError(f"sparsity.sparsity must be a fraction between 0 and 1 (exclusive); "
+                                     f"got {self.sparsity!r}.")
+        if self.block_size < 1:
+            raise InvalidConfigError(f"sparsity.block_size must be a positive integer, got {self.block_size!r}.")
+        if not 0.0 < self.dampening <= 1.0:
+            raise InvalidConfigError(f"sparsity.dampening must be a number in (0, 1], got {self.dampening!r}.")
+
+    @property
+    def n_of_m(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M pattern, None for unstructured."""
+        if self.pattern == UNSTRUCTURED:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @property
+    def fraction(self) -> float:
+        """The fraction of weights pruned: `sparsity`, or 1 - N/M."""
+        nm = self.n_of_m
+        return self.sparsity
+
+    @property
+    def needs_data(self) -> bool:
+        """Magnitude pruning reads the weights only; the others need the calibration inputs."""
+        return self.method != "magnitude"
+
+    def describe(self) -> str:
+        what = f"{self.pattern}" if self.n_of_m else f"{self.fraction:.0%} unstructured"
+        return f"{self.method} pruning, {what}"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "pattern": self.pattern, "sparsity": self.fraction,
+                "block_size": self.block_size, "dampening": self.dampening}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SparsityConfig":
+        return cls(**check_mapping(cls, data, "sparsity", example="{method: sparsegpt, pattern: '2:4'}"))
