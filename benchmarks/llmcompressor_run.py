@@ -40,9 +40,6 @@ def recipe(config: str):
         "SparseGPT 2:4": [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])],
         "Wanda 50%": [WandaPruningModifier(sparsity=0.5, ignore=["re:.*lm_head"])],
         "Wanda 2:4": [WandaPruningModifier(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])],
-        "SparseGPT 2:4 + W4A16 g64 GPTQ": [
-            SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"]),
-            GPTQModifier(config_groups=groups(GROUP64), ignore=["lm_head"])],
     }[config]
 
 

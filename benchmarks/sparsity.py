@@ -43,7 +43,7 @@ PRUNE_ROWS = [  # (name, ours: llmquant.prune keywords, llm-compressor config or
 ]
 COMPOSED_ROWS = [  # (name, ours: llmquant.quantize keywords, llm-compressor config or None)
     ("SparseGPT 2:4 + W4A16 g64 GPTQ", dict(scheme="W4A16", group_size=64, gptq=True, prune="sparsegpt",
-                                           sparsity_pattern="2:4"), "SparseGPT 2:4 + W4A16 g64 GPTQ"),
+                                           sparsity_pattern="2:4"), None),
     ("SparseGPT 2:4 + FP8_DYNAMIC", dict(scheme="FP8_DYNAMIC", smoothquant=False, prune="sparsegpt",
                                         sparsity_pattern="2:4"), None),
 ]
@@ -138,7 +138,7 @@ def main() -> int:
     p.add_argument("--lc-python", default=LC_PYTHON)
     p.add_argument("--recovery-steps", type=int, default=200, help="distillation steps after SparseGPT 2:4 (0: none)")
     p.add_argument("--recovery-batch", type=int, default=4)
-    p.add_argument("--recovery-seq-len", type=int, default=512)
+    p.add_argument("--recovery-seq-len", type=int, default=256)
     p.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
