@@ -33,13 +33,13 @@ from folder_eval import AGREE_TOKENS, EVAL_DTYPE, EVAL_TOKENS, WINDOW, FolderEva
 from speed import cpu_description  # noqa: E402
 
 LC_PYTHON = "/tmp/lc-venv/bin/python"
-PRUNE_ROWS = [  # (name, ours: llmquant.prune keywords, llm-compressor config or None)
-    ("magnitude 50%", dict(method="magnitude"), None),
-    ("Wanda 50%", dict(method="wanda"), "Wanda 50%"),
-    ("SparseGPT 50%", dict(method="sparsegpt"), "SparseGPT 50%"),
-    ("magnitude 2:4", dict(method="magnitude", pattern="2:4"), None),
-    ("Wanda 2:4", dict(method="wanda", pattern="2:4"), "Wanda 2:4"),
+PRUNE_ROWS = [  # (name, ours: llmquant.prune keywords, llm-compressor config or None); the targets' rows first
     ("SparseGPT 2:4", dict(method="sparsegpt", pattern="2:4"), "SparseGPT 2:4"),
+    ("SparseGPT 50%", dict(method="sparsegpt"), "SparseGPT 50%"),
+    ("Wanda 2:4", dict(method="wanda", pattern="2:4"), "Wanda 2:4"),
+    ("Wanda 50%", dict(method="wanda"), "Wanda 50%"),
+    ("magnitude 2:4", dict(method="magnitude", pattern="2:4"), None),
+    ("magnitude 50%", dict(method="magnitude"), None),
 ]
 COMPOSED_ROWS = [  # (name, ours: llmquant.quantize keywords, llm-compressor config or None)
     ("SparseGPT 2:4 + W4A16 g64 GPTQ", dict(scheme="W4A16", group_size=64, gptq=True, prune="sparsegpt",
