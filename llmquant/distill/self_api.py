@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -25,8 +25,7 @@ from llmquant.checkpoint.atomic import atomic_directory, check_output_dir
 from llmquant.config.self_distill import SelfDistillConfig
 from llmquant.errors import InvalidConfigError
 
-SETTINGS = ("steps", "block_steps", "lr", "rounding_lr", "tokens", "batch_size", "seq_len", "train", "loss",
-            "top_k", "seed")
+SETTINGS = tuple(f.name for f in fields(SelfDistillConfig))  # every field of the recipe section
 
 
 @dataclass
