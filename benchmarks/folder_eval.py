@@ -10,6 +10,11 @@ from pathlib import Path
 EVAL_TOKENS, WINDOW, AGREE_TOKENS, EVAL_DTYPE = 16384, 1024, 2048, "float32"
 
 
+def number(v, digits: int = 0) -> str:
+    """A table cell: the number rounded, or empty when there is none."""
+    return "" if v is None else f"{v:.{digits}f}"
+
+
 class FolderEvaluator:
     def __init__(self, original_dir: Path, second: Path | None = None):
         from llmquant import load_model

@@ -29,7 +29,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).parent))
-from folder_eval import AGREE_TOKENS, EVAL_DTYPE, EVAL_TOKENS, WINDOW, FolderEvaluator  # noqa: E402
+from folder_eval import AGREE_TOKENS, EVAL_DTYPE, EVAL_TOKENS, WINDOW, FolderEvaluator, number as _num  # noqa: E402
 from speed import cpu_description  # noqa: E402
 
 LC_PYTHON = "/tmp/lc-venv/bin/python"
@@ -125,10 +125,6 @@ def write(rows: list[dict], meta: dict) -> None:
               f"{meta.get('llmcompressor') or 'not run'}. Commit {meta['commit']}. Date {meta['date']}.",
               f"Command: `{meta['command']}`"]
     (RESULTS / "sparsity.md").write_text("\n".join(lines) + "\n")
-
-
-def _num(v, digits: int = 0) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
 
 
 def main() -> int:
