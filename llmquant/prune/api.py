@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from llmquant.config.fields import reject_unknown_keys
 from llmquant.config.options import LoadOptions
 from llmquant.config.recipe import CalibrationConfig, patterns
 from llmquant.config.sparsity import SparsityConfig
@@ -61,6 +62,7 @@ def prune(model=None, output=None, *, method: str = "sparsegpt", sparsity: float
     from llmquant.quant.pipeline.verify import compare_to_reference, reference_logprobs
 
     t0 = time.perf_counter()
+    reject_unknown_keys(block, ("block_size", "dampening"), "the arguments of prune()")
     cfg = SparsityConfig(method=method, pattern=pattern, sparsity=sparsity, **block)
     cal = calibration or CalibrationConfig()
     targets, ignore = patterns(targets, "targets"), patterns(ignore, "ignore")

@@ -124,6 +124,8 @@ def test_refusals(tiny_model_dir, tmp_path):
         llmquant.quantize(tiny_model_dir, scheme="W4A16", prune="magnitude", self_distill=2, output=tmp_path / "s",
                           progress=False)
     quantized = llmquant.quantize(tiny_model_dir, scheme="W8A16", output=tmp_path / "q", **QUANT).output_dir
+    with pytest.raises(InvalidConfigError, match="Unknown key.*blocksize"):
+        llmquant.prune(tiny_model_dir, method="magnitude", blocksize=64, verify_tokens=0, progress=False)
     with pytest.raises(InvalidConfigError, match="already quantized"):
         llmquant.prune(quantized, method="magnitude", verify_tokens=0, progress=False)
 
