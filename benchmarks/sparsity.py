@@ -151,7 +151,7 @@ def main() -> int:
                            capture_output=True, text=True, cwd=here.parent).stdout.strip()
     lc = Path(args.lc_python).exists()
     lc_version = subprocess.run([args.lc_python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
-                                capture_output=True, text=True).stdout.strip() if lc else None
+                                capture_output=True, text=True).stdout.strip().splitlines()[-1] if lc else None
     ev = FolderEvaluator(demo)
     meta = {"original": {"ppl": ev.original["ppl_corpus"], **ev.original}, "machine": cpu_description(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "llmcompressor": lc_version,
