@@ -58,6 +58,7 @@ def prune(model=None, output=None, *, method: str = "sparsegpt", sparsity: float
     from llmquant.distill.export import write_float_checkpoint
     from llmquant.loading import load_model
     from llmquant.prune.sequential_prune import prune_model
+    from llmquant.quant.pipeline.finish import verify_windows
     from llmquant.quant.pipeline.targets import linear_layers, validate_patterns
     from llmquant.quant.pipeline.verify import compare_to_reference, reference_logprobs
 
@@ -79,7 +80,7 @@ def prune(model=None, output=None, *, method: str = "sparsegpt", sparsity: float
     layers = dict(linear_layers(net, targets, ignore))
     if not layers:
         raise InvalidConfigError(f"No Linear layer matches targets {list(targets)} minus ignore {list(ignore)}.")
-    windows = verify_windows_for(tokenizer, cal, verify_tokens) if verify_tokens else None
+    windows = verify_windows(tokenizer, cal, verify_tokens) if verify_tokens else None
     reference = reference_logprobs(net, windows, progress) if windows is not None else None
     batches = None
     if cfg.needs_data:
@@ -114,15 +115,6 @@ def prune(model=None, output=None, *, method: str = "sparsegpt", sparsity: float
     report["timings_s"]["total"] = time.perf_counter() - t0
     return PruneResult(model=net, tokenizer=tokenizer, output_dir=out_dir, report=report,
                        seconds=report["timings_s"]["total"])
-
-
-def verify_windows_for(tokenizer, cal: CalibrationConfig, tokens: int):
-    """Held-out windows of the calibration dataset, as quantize's verification reads them."""
-    from llmquant.config.recipe import Recipe
-    from llmquant.config.presets import preset
-    from llmquant.quant.pipeline.finish import verify_windows
-
-    return verify_windows(tokenizer, Recipe(scheme=preset("W8A16"), calibration=cal), tokens)
 
 
 def _worst_first(r) -> float:

@@ -12,7 +12,7 @@ from llmquant.checkpoint.ct_config import build_quantization_config
 from llmquant.checkpoint.save import save_quantized, write_metadata
 from llmquant.checkpoint.shard_writer import ShardWriter
 from llmquant.config.options import LoadOptions
-from llmquant.config.recipe import Recipe
+from llmquant.config.recipe import CalibrationConfig, Recipe
 from llmquant.quant.pipeline.context import DataPass, StepContext
 from llmquant.quant.pipeline.plan import config_groups, unquantized_linear_names
 from llmquant.quant.pipeline.report import QuantReport
@@ -21,11 +21,10 @@ from llmquant.quant.pipeline.verify import Agreement, compare_to_reference
 VERIFY_WINDOW = 512
 
 
-def verify_windows(tokenizer, rec: Recipe, verify_tokens: int) -> torch.Tensor | None:
+def verify_windows(tokenizer, cal: CalibrationConfig, verify_tokens: int) -> torch.Tensor | None:
     """Held-out windows of the calibration dataset, (n, VERIFY_WINDOW) token ids (None: too little text)."""
     from llmquant.data import evaluation_tokens
 
-    cal = rec.calibration
     ids = evaluation_tokens(tokenizer, cal.dataset, max_tokens=verify_tokens, text_field=cal.text_field,
                             config_name=cal.config_name)
     window = min(VERIFY_WINDOW, ids.numel())

@@ -121,7 +121,7 @@ def quantize(model=None, recipe: Recipe | str | os.PathLike | None = None, *, lo
     del layers
     ctx.say(f"quantizing {loaded.source.describe()} with {rec.name}: {rec.scheme.describe()}")
 
-    windows = verify_windows(tokenizer, rec, checks.verify_tokens) if checks.verify else None
+    windows = verify_windows(tokenizer, rec.calibration, checks.verify_tokens) if checks.verify else None
     if loaded.weights is not None:
         # Streamed: every step runs inside the one pass over the layers that writes the checkpoint,
         # and the verification streams run beside it (pipeline/streamed.py).
