@@ -1,6 +1,6 @@
-"""Pruning on the demo model: magnitude, Wanda and SparseGPT at 50% unstructured and 2:4, ours
-against llm-compressor's SparseGPT and Wanda (its own environment, benchmarks/llmcompressor_run.py),
-then 2:4 composed with quantization, then 2:4 SparseGPT + distillation with the masks held.
+"""Pruning on the demo model: magnitude, Wanda, SparseGPT and ADMM at 50% unstructured and 2:4,
+ours against llm-compressor's SparseGPT and Wanda (its own environment, benchmarks/llmcompressor_run.py),
+then ADMM 2:4 composed with quantization, then 2:4 SparseGPT + distillation with the masks held.
 
     bash benchmarks/setup_llmcompressor.sh            # once: llm-compressor in /tmp/lc-venv
     python benchmarks/sparsity.py --work /tmp/sparsity
@@ -11,6 +11,9 @@ is a saved folder reloaded through llmquant's runtime and measured the same way 
 perplexity on the first 16,384 tokens of the held-out split (window 1024), KL and top-1 agreement
 against the original on 2,048 held-out tokens, and the fraction of zeros in the pruned layers.
 Each pruning run is a child process: its wall time (load to saved folder) and peak RSS are its own.
+Both tools compute in float32 (llmcompressor_run.py loads the model in float32; ours gets
+dtype float32) and store the result in the checkpoint's bfloat16. ADMM has no llm-compressor
+counterpart: its rows are compared with llm-compressor's SparseGPT at the same pattern.
 Writes benchmarks/results/sparsity.{json,md} after every row.
 """
 
@@ -35,31 +38,38 @@ from speed import cpu_description  # noqa: E402
 LC_PYTHON = "/tmp/lc-venv/bin/python"
 PRUNE_ROWS = [  # (name, ours: llmquant.prune keywords, llm-compressor config or None); the targets' rows first
     ("SparseGPT 2:4", dict(method="sparsegpt", pattern="2:4"), "SparseGPT 2:4"),
+    ("ADMM 2:4", dict(method="admm", pattern="2:4"), None),
     ("SparseGPT 50%", dict(method="sparsegpt"), "SparseGPT 50%"),
+    ("ADMM 50%", dict(method="admm"), None),
     ("Wanda 2:4", dict(method="wanda", pattern="2:4"), "Wanda 2:4"),
     ("Wanda 50%", dict(method="wanda"), "Wanda 50%"),
     ("magnitude 2:4", dict(method="magnitude", pattern="2:4"), None),
     ("magnitude 50%", dict(method="magnitude"), None),
 ]
 COMPOSED_ROWS = [  # (name, ours: llmquant.quantize keywords, llm-compressor config or None)
-    ("SparseGPT 2:4 + W4A16 g64 GPTQ", dict(scheme="W4A16", group_size=64, gptq=True, prune="sparsegpt",
-                                           sparsity_pattern="2:4"), None),
-    ("SparseGPT 2:4 + FP8_DYNAMIC", dict(scheme="FP8_DYNAMIC", smoothquant=False, prune="sparsegpt",
-                                        sparsity_pattern="2:4"), None),
+    ("ADMM 2:4 + W4A16 g64 GPTQ", dict(scheme="W4A16", group_size=64, gptq=True, prune="admm",
+                                      sparsity_pattern="2:4"), None),
+    ("ADMM 2:4 + FP8_DYNAMIC", dict(scheme="FP8_DYNAMIC", smoothquant=False, prune="admm", sparsity_pattern="2:4"),
+     None),
 ]
+COMPARED_WITH = {"ADMM 2:4": "SparseGPT 2:4", "ADMM 50%": "SparseGPT 50%"}  # our row -> llm-compressor's row
+COMPUTE_DTYPE = "float32"  # what llmcompressor_run.py loads the model in
 
 
 def child(kind: str, kwargs_json: str, demo: str, out: str, samples: int) -> int:
     """One pruning / quantization run in this process: prints its seconds and peak RSS."""
     import llmquant
+    from llmquant.config.options import LoadOptions
 
     kwargs = json.loads(kwargs_json)
+    load = LoadOptions(dtype=COMPUTE_DTYPE)
     t = time.perf_counter()
     if kind == "prune":
         llmquant.prune(demo, out, calibration=llmquant.CalibrationConfig(num_samples=samples, seq_len=512),
-                       verify_tokens=0, progress=False, **kwargs)
+                       verify_tokens=0, progress=False, load=load, **kwargs)
     else:
-        llmquant.quantize(demo, output=out, num_samples=samples, seq_len=512, verify=False, progress=False, **kwargs)
+        llmquant.quantize(demo, output=out, num_samples=samples, seq_len=512, verify=False, progress=False, load=load,
+                          **kwargs)
     print(json.dumps({"seconds": time.perf_counter() - t,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     return 0
@@ -98,20 +108,24 @@ def write(rows: list[dict], meta: dict) -> None:
              f"Perplexity on the first {EVAL_TOKENS:,} tokens of the built-in corpus's held-out split (window "
              f"{WINDOW}, float32), KL and top-1 agreement against the original on {AGREE_TOKENS:,} held-out tokens; "
              f"every tool pruned on the same {meta['settings']['num_samples']} x 512 calibration tokens. "
-             "'increase': perplexity over the original's; 'vs llm-compressor': our increase / theirs for the same "
-             "method and pattern. Every row is a saved folder reloaded through llmquant's runtime. Every Linear "
+             "Both tools compute in float32 and store bfloat16. 'increase': perplexity over the original's; "
+             "'vs llm-compressor': our increase / theirs for the same method and pattern (ADMM: / their SparseGPT's "
+             "at the same pattern); 'time vs': our time / theirs, same pairs. Every row is a saved folder reloaded through llmquant's runtime. Every Linear "
              "layer of the decoder is pruned; the output layer and embeddings are not.", "",
              f"Original: {o:.3f}.", "",
-             "| row | tool | ppl | increase | vs llm-compressor | KL | top-1 | zeros | time s | peak RSS MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    theirs = {r["name"]: r["ppl"] - o for r in rows if r["tool"] == "llm-compressor"}
+             "| row | tool | ppl | increase | vs llm-compressor | KL | top-1 | zeros | time s | time vs | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    theirs = {r["name"]: r for r in rows if r["tool"] == "llm-compressor"}
     for r in rows:
-        ratio = ""
-        if r["tool"] == "llmquant" and r["name"] in theirs and theirs[r["name"]] > 0:
-            ratio = f"{(r['ppl'] - o) / theirs[r['name']]:.2f}x"
+        ratio = speed = ""
+        base = theirs.get(COMPARED_WITH.get(r["name"], r["name"])) if r["tool"] == "llmquant" else None
+        if base is not None and base["ppl"] > o:
+            ratio = f"{(r['ppl'] - o) / (base['ppl'] - o):.2f}x"
+        if base is not None and r.get("seconds") and base.get("seconds"):
+            speed = f"{r['seconds'] / base['seconds']:.2f}x"
         lines.append(f"| {r['name']} | {r['tool']} | {r['ppl']:.3f} | {r['ppl'] - o:+.3f} ({100 * (r['ppl'] / o - 1):+.1f}%) "
                      f"| {ratio} | {r['kl_mean']:.4f} | {100 * r['top1_agreement']:.1f}% | {100 * r['zeros']:.1f}% | "
-                     f"{_num(r.get('seconds'))} | {_num(r.get('peak_rss_mb'))} |")
+                     f"{_num(r.get('seconds'))} | {speed} | {_num(r.get('peak_rss_mb'))} |")
     recovery = [r for r in rows if r.get("recovered_from")]
     for r in recovery:
         base = next(b for b in rows if b["name"] == r["recovered_from"] and b["tool"] == "llmquant")
@@ -156,7 +170,8 @@ def main() -> int:
     meta = {"original": {"ppl": ev.original["ppl_corpus"], **ev.original}, "machine": cpu_description(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "llmcompressor": lc_version,
             "commit": commit + (" (uncommitted changes)" if dirty else ""), "date": time.strftime("%Y-%m-%d"),
-            "command": "python " + shlex.join(sys.argv), "settings": {"num_samples": args.num_samples}}
+            "command": "python " + shlex.join(sys.argv),
+            "settings": {"num_samples": args.num_samples, "compute_dtype": COMPUTE_DTYPE}}
     rows: list[dict] = []
     cal = work / "calibration.safetensors"
     if lc:

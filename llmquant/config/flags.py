@@ -143,7 +143,8 @@ QUANTIZE_FLAGS: tuple[Flag, ...] = (
          WHAT, cli=dict(type=float, metavar="P"), exclusive="mixed", apply=overrides.mixed_precision),
     Flag("prune", RECIPE, ("--prune",),
          "prune the targeted layers before rounding: magnitude (|W|), wanda (|W| x input norm, per output row) "
-         "or sparsegpt (error feedback with the calibration Hessian)", PRUNE,
+         "sparsegpt (error feedback with the calibration Hessian) or admm (gradual mask, least-squares weights: "
+         "the lowest error)", PRUNE,
          cli=dict(choices=PRUNE_METHODS), negative=("--no-prune", "no pruning even if the recipe asks for it"),
          exclusive="prune", apply=overrides.sparsity_field("method")),
     Flag("sparsity", RECIPE, ("--sparsity",),

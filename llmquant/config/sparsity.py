@@ -3,11 +3,13 @@ quantization in `llmquant quantize` (llmquant/prune/ runs it).
 
     sparsity:
       method: sparsegpt       # magnitude: |W|; wanda: |W| x the input's norm per column;
-                              # sparsegpt: OBS error feedback with the calibration Hessian
+                              # sparsegpt: OBS error feedback with the calibration Hessian;
+                              # admm: gradual mask + least-squares weight update (the lowest error)
       pattern: unstructured   # or N:M (2:4, 4:8): at most N weights kept in every M consecutive inputs
       sparsity: 0.5           # fraction of weights set to zero (unstructured; N:M gives 1 - N/M)
       block_size: 128         # sparsegpt: columns per mask decision and error-feedback block
-      dampening: 0.01         # sparsegpt: fraction of the Hessian's mean diagonal added before inverting
+      dampening: 0.01         # sparsegpt, admm: fraction of the Hessian's mean diagonal added before inverting
+      iterations: 20          # admm: iterations (the mask grows over the first three quarters)
 
 Which layers: the recipe's targets / ignore, as for quantization. With GPTQ in the same recipe,
 pruning runs inside GPTQ's layer-by-layer pass on the same Hessians, and GPTQ then rounds the
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from llmquant.config.fields import check_fields, check_mapping, choices
 from llmquant.errors import InvalidConfigError
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 UNSTRUCTURED = "unstructured"
 _N_OF_M = re.compile(r"^(\d+):(\d+)$")
 DEFAULT_SPARSITY = 0.5
@@ -35,6 +37,7 @@ class SparsityConfig:
     sparsity: float = DEFAULT_SPARSITY
     block_size: int = 128
     dampening: float = 0.01
+    iterations: int = 20
 
     def __post_init__(self) -> None:
         check_fields(self, "sparsity")
@@ -56,6 +59,8 @@ class SparsityConfig:
                                      f"got {self.sparsity!r}.")
         if self.block_size < 1:
             raise InvalidConfigError(f"sparsity.block_size must be a positive integer, got {self.block_size!r}.")
+        if self.iterations < 1:
+            raise InvalidConfigError(f"sparsity.iterations must be a positive integer, got {self.iterations!r}.")
         if not 0.0 < self.dampening <= 1.0:
             raise InvalidConfigError(f"sparsity.dampening must be a number in (0, 1], got {self.dampening!r}.")
 
@@ -84,7 +89,7 @@ class SparsityConfig:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "pattern": self.pattern, "sparsity": self.fraction,
-                "block_size": self.block_size, "dampening": self.dampening}
+                "block_size": self.block_size, "dampening": self.dampening, "iterations": self.iterations}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SparsityConfig":

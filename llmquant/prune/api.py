@@ -50,7 +50,7 @@ def prune(model=None, output=None, *, method: str = "sparsegpt", sparsity: float
           calibration: CalibrationConfig | None = None, verify_tokens: int = 2048, overwrite: bool = False,
           progress: bool = True, load: LoadOptions | None = None, **block: int | float) -> PruneResult:
     """Prune `model` (a source as for `load_model`; None: the demo model) and, with `output`,
-    save it atomically. `block` takes SparsityConfig's block_size / dampening (sparsegpt)."""
+    save it atomically. `block` takes SparsityConfig's block_size / dampening (sparsegpt) and iterations (admm)."""
     from llmquant.arch.experts import linearize
     from llmquant.arch.registry import model_spec
     from llmquant.checkpoint.atomic import atomic_directory, check_output_dir
@@ -63,7 +63,7 @@ def prune(model=None, output=None, *, method: str = "sparsegpt", sparsity: float
     from llmquant.quant.pipeline.verify import compare_to_reference, reference_logprobs
 
     t0 = time.perf_counter()
-    reject_unknown_keys(block, ("block_size", "dampening"), "the arguments of prune()")
+    reject_unknown_keys(block, ("block_size", "dampening", "iterations"), "the arguments of prune()")
     cfg = SparsityConfig(method=method, pattern=pattern, sparsity=sparsity, **block)
     cal = calibration or CalibrationConfig()
     targets, ignore = patterns(targets, "targets"), patterns(ignore, "ignore")

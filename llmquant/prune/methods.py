@@ -6,7 +6,9 @@
 - sparsegpt: OBS error feedback (GPTQ's column loop, quant/algorithms/gptq.py): column by column,
   the weights it prunes leave an error that the columns not yet visited absorb through the
   inverse Hessian. Masks are chosen as the loop reaches them, on the weights as updated so far:
-  per block of columns for unstructured, per M columns for N:M, by w^2 / [H^-1]_jj^2.
+  per block of columns for unstructured, per M columns for N:M, by w^2 / [H^-1]_jj^2;
+- admm: the mask grown gradually while the kept weights are solved for by least squares
+  (prune/admm.py): the lowest output error of the four, at a few times SparseGPT's cost.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 
 from llmquant.config.sparsity import SparsityConfig
+from llmquant.prune.admm import admm_prune
 from llmquant.prune.masks import keep_highest, keep_n_of_m
 from llmquant.quant.algorithms.gptq import error_feedback, few_threads, inverse_hessian_factor
 
@@ -35,6 +38,10 @@ def prune_weight(weight: Tensor, hessian: Tensor | None, cfg: SparsityConfig) ->
         raise ValueError(f"{cfg.method} pruning needs the calibration Hessian")
     if cfg.method == "sparsegpt":
         return _sparsegpt(w, hessian.detach().float().to(w.device), cfg)
+    if cfg.method == "admm":
+        pruned, keep = admm_prune(w, hessian.detach().float().to(w.device), cfg.fraction, cfg.n_of_m,
+                                  iterations=cfg.iterations, dampening=cfg.dampening)
+        return PruneResult(weight=pruned, keep=keep)
     if cfg.method == "wanda":
         scores = w.abs() * torch.diag(hessian).float().to(w.device).clamp(min=0).sqrt().unsqueeze(0)
     else:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from llmquant.config.sparsity import SparsityConfig
 from llmquant.errors import InvalidConfigError
 from llmquant.prune.methods import prune_weight
-from llmquant.quant.algorithms.gptq import accumulate_hessian
+from llmquant.quant.algorithms.gptq import HessianSum
+from llmquant.quant.algorithms.shared_inputs import SharedInputs
 from llmquant.quant.primitives import sqnr_db
 
 NO_TOKENS_NOTE = "routed no calibration token: pruned by magnitude"
@@ -77,40 +78,28 @@ class PruneHandler:
     def __init__(self, layers: dict[str, nn.Linear], cfg: SparsityConfig):
         self.layers, self.cfg = layers, cfg
         self.reports: dict[str, PrunedLayer] = {}
-        self._hessians: dict[str, list] = {}  # name -> [hessian, count], shared by layers with one input
-        self._owners: dict[str, bool] = {}  # name -> whether it accumulates (the others share)
+        self._inputs: SharedInputs[HessianSum] = SharedInputs(HessianSum)
 
     def attach(self, index: int, prefix: str, layer: nn.Module) -> list:
-        last: dict = {"x": None, "entry": None}
-        self._hessians, self._owners = {}, {}
-        handles = []
-        for name, module in self.layers.items():
-            if name.startswith(prefix + "."):
-                handles.append(module.register_forward_pre_hook(self._hook(name, last)))
-        return handles
+        self._inputs = SharedInputs(HessianSum)
+        return [module.register_forward_pre_hook(self._hook(name)) for name, module in self.layers.items()
+                if name.startswith(prefix + ".")]
 
-    def _hook(self, name: str, last: dict):
+    def _hook(self, name: str):
         def observe(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if name not in self._hessians:
-                # First batch: a layer handed the same tensor as the previous hook shares its Hessian.
-                shared = last["x"] is x and last["entry"] is not None
-                self._hessians[name] = last["entry"] if shared else [None, 0]
-                self._owners[name] = not shared
-            if self._owners[name]:
-                entry = self._hessians[name]
-                entry[0], entry[1] = accumulate_hessian(entry[0], entry[1], x)
-            last["x"], last["entry"] = x, self._hessians[name]
+            entry = self._inputs.observe(name, args[0])
+            if entry is not None:
+                entry.add(args[0])
 
         return observe
 
     def finish(self, index: int, prefix: str, layer: nn.Module) -> None:
         for name, module in self.layers.items():
             if name.startswith(prefix + "."):
-                entry = self._hessians.get(name)
-                hessian = entry[0] if entry is not None and entry[1] > 0 else None
+                entry = self._inputs.entries.get(name)
+                hessian = entry.h if entry is not None and entry.n > 0 else None
                 self.reports[name] = prune_in_place(name, module, hessian, self.cfg)
-        self._hessians, self._owners = {}, {}
+        self._inputs = SharedInputs(HessianSum)
 
 
 def prune_model(model: nn.Module, layers: dict[str, nn.Linear], cfg: SparsityConfig, batches: Tensor | None, *,

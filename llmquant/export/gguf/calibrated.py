@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from llmquant.export.gguf.ggml_types import GGMLType
 from llmquant.export.gguf.quantize_tensor import TypedWeight, gptq_to_type
 from llmquant.quant.algorithms.gptq import accumulate_hessian
+from llmquant.quant.algorithms.shared_inputs import SharedInputs
 from llmquant.quant.primitives import sqnr_db
 
 SEQUENTIAL_BATCH = 4  # calibration windows per forward call
@@ -66,8 +67,7 @@ class ActivationNoise:
 class InputStatistics:
     """What one group of Linear layers reading the same input accumulates."""
 
-    def __init__(self, owner: str) -> None:
-        self.owner = owner
+    def __init__(self) -> None:
         self.hessian: Tensor | None = None
         self.count = 0
         self.noise = ActivationNoise()
@@ -92,39 +92,34 @@ class GGUFGPTQHandler:
         self.model, self.types, self.dampening = model, types, dampening
         # module name (e.g. model.layers.0.mlp.down_proj) -> (typed weight, its weight SQNR in dB)
         self.results: dict[str, tuple[TypedWeight, float]] = {}
-        self._inputs: dict[str, InputStatistics] = {}  # module name -> its inputs' statistics (shared when the input is)
+        # module name -> its inputs' statistics (one object for the layers that read the same input)
+        self._inputs: SharedInputs[InputStatistics] = SharedInputs(InputStatistics)
 
     def attach(self, index: int, prefix: str, layer: nn.Module) -> list:
         handles = []
-        last: dict = {"x": None, "name": None}
-        self._inputs = {}
+        self._inputs = SharedInputs(InputStatistics)
         for name, module in layer.named_modules():
             full = f"{prefix}.{name}"
             if isinstance(module, nn.Linear) and full in self.types:
-                handles.append(module.register_forward_pre_hook(self._hook(full, last)))
+                handles.append(module.register_forward_pre_hook(self._hook(full)))
         return handles
 
-    def _hook(self, name: str, last: dict):
+    def _hook(self, name: str):
         def observe(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if name not in self._inputs:
-                shared = last["x"] is x and last["name"] is not None
-                self._inputs[name] = self._inputs[last["name"]] if shared else InputStatistics(name)
-            entry = self._inputs[name]
-            if entry.owner == name:  # the owner accumulates; sharers read the same entry
-                entry.add(x)
-            last["x"], last["name"] = x, entry.owner
+            entry = self._inputs.observe(name, args[0])
+            if entry is not None:  # None: a layer sharing the previous one's input reads its statistics
+                entry.add(args[0])
 
         return observe
 
     def finish(self, index: int, prefix: str, layer: nn.Module) -> None:
         # Layers that share a Hessian and a type are quantized in one call, their weights stacked:
         # GPTQ treats rows independently, so this is the same result with one column loop, not three.
-        groups: dict[tuple[int, str], list[str]] = {}
-        for name, entry in self._inputs.items():
-            groups.setdefault((id(entry), self.types[name].name), []).append(name)
+        groups: dict[tuple[str, str], list[str]] = {}
+        for name, owner in self._inputs.owners.items():
+            groups.setdefault((owner, self.types[name].name), []).append(name)
         for names in groups.values():
-            hessian = self._inputs[names[0]].hessian_for(self.types[names[0]])
+            hessian = self._inputs.entries[names[0]].hessian_for(self.types[names[0]])
             modules = [self.model.get_submodule(n) for n in names]
             weights = [m.weight.detach() for m in modules]
             typed = gptq_to_type(torch.cat(weights), hessian, self.types[names[0]], dampening=self.dampening)
@@ -134,7 +129,7 @@ class GGUFGPTQHandler:
                 row += weight.shape[0]
                 self.results[name] = (part, sqnr_db(weight.float(), part.dequantized))
                 module.weight.data.copy_(part.dequantized.to(weight.dtype))
-        self._inputs = {}
+        self._inputs = SharedInputs(InputStatistics)
 
 
 def gptq_model(model: nn.Module, types: dict[str, GGMLType], batches: Tensor, *, dampening: float,

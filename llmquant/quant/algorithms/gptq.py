@@ -58,6 +58,17 @@ def accumulate_hessian(hessian: Tensor | None, count: int, x: Tensor) -> tuple[T
     return hessian, total
 
 
+class HessianSum:
+    """A running `accumulate_hessian`: `h` (None before any input) over `n` input rows."""
+
+    def __init__(self) -> None:
+        self.h: Tensor | None = None
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        self.h, self.n = accumulate_hessian(self.h, self.n, x)
+
+
 @dataclass
 class GPTQResult:
     q: Tensor  # (out, in) int8 values on the integer grid, or float8_e4m3fn

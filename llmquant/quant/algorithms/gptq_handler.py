@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from llmquant.config.args import QuantScheme
 from llmquant.quant.pipeline.calibration import ActivationStats, new_activation_stats
 from llmquant.quant.pipeline.expert_calibration import ExpertCalibration
-from llmquant.quant.algorithms.gptq import accumulate_hessian, gptq_quantize_weight
+from llmquant.quant.algorithms.gptq import HessianSum, gptq_quantize_weight
+from llmquant.quant.algorithms.shared_inputs import SharedInputs
 from llmquant.quant.linear import QuantizedLinear
 from llmquant.quant.pipeline.plan import LayerPlan
 from llmquant.quant.primitives import sqnr_db
@@ -30,15 +31,6 @@ from llmquant.config.sparsity import SparsityConfig
 from llmquant.prune.methods import prune_weight
 from llmquant.quant.pipeline.report import LayerReport
 from llmquant.quant.pipeline.targets import set_submodule
-
-
-class _Hessian:
-    def __init__(self) -> None:
-        self.h: Tensor | None = None
-        self.n = 0
-
-    def add(self, x: Tensor) -> None:
-        self.h, self.n = accumulate_hessian(self.h, self.n, x)
 
 
 def scale_dtype_for(scheme: QuantScheme, storage_dtype: torch.dtype) -> torch.dtype:
@@ -60,23 +52,25 @@ class GPTQHandler:
         self.stats: dict[str, ActivationStats] = {}
         self.moe = (moe_calibration, min_expert_tokens, total_tokens)
         self._experts: ExpertCalibration | None = None  # this decoder layer's MoE experts
-        self._hessians: dict[str, _Hessian] = {}  # this decoder layer's, by Linear name
-        self._owners: dict[str, str] = {}  # Linear name -> the name whose Hessian it shares
+        self._inputs: SharedInputs[HessianSum] = SharedInputs(HessianSum)  # this decoder layer's Hessians
         self._only: set[str] | None = None  # during a refill pass: the layers that accumulate
 
     # ---- observation -------------------------------------------------------------------------
     def attach(self, index: int, prefix: str, layer: nn.Module) -> list:
         handles = []
-        last: dict = {"x": None, "owner": None}  # the input the previous hook saw, and its Hessian
-        self._hessians, self._owners, self._only = {}, {}, None
+        self._inputs, self._only = SharedInputs(HessianSum), None
         self._experts = ExpertCalibration(layer, prefix + ".", *self.moe)
         for name, plan in self.plans.items():
             if not name.startswith(prefix + "."):
                 continue
             self._new_stats(name)
             module = layer.get_submodule(name[len(prefix) + 1:])
-            handles.append(module.register_forward_pre_hook(self._hook(name, last)))
+            handles.append(module.register_forward_pre_hook(self._hook(name)))
         return handles
+
+    def hessians(self) -> dict[str, Tensor]:
+        """This decoder layer's Hessians so far, by Linear name (shared ones appear under each name)."""
+        return {name: entry.h for name, entry in self._inputs.entries.items() if entry.h is not None}
 
     def _new_stats(self, name: str) -> None:
         act = self.plans[name].scheme.input_activations
@@ -88,27 +82,21 @@ class GPTQHandler:
         then reset and collected again, from every token, in one more pass (run_sequential)."""
         again = {n for n in self._experts.fallback() if n in self.plans}
         for name in again:
-            self._hessians.pop(name, None)
-            self._owners.pop(name, None)
+            self._inputs.forget(name)
             self._new_stats(name)
         self._only = again
         return bool(again)
 
-    def _hook(self, name: str, last: dict):
+    def _hook(self, name: str):
         def observe(module: nn.Module, args: tuple) -> None:
             if self._only is not None and name not in self._only:
                 return
             x = args[0]
-            if name not in self._hessians:
-                # First batch: a layer handed the same tensor as the previous hook shares its Hessian.
-                shared = last["x"] is x and last["owner"] is not None
-                self._hessians[name] = self._hessians[last["owner"]] if shared else _Hessian()
-                self._owners[name] = last["owner"] if shared else name
-            if self._owners[name] == name:
-                self._hessians[name].add(x)
+            hessian = self._inputs.observe(name, x)
+            if hessian is not None:
+                hessian.add(x)
             if name in self.stats:
                 self.stats[name].update(x)
-            last["x"], last["owner"] = x, self._owners[name]
 
         return observe
 
@@ -116,11 +104,11 @@ class GPTQHandler:
     def finish(self, index: int, prefix: str, layer: nn.Module) -> None:
         self._experts.finish()
         groups: dict[tuple[str, QuantScheme], list[str]] = {}
-        for name in self._hessians:
-            groups.setdefault((self._owners[name], self.plans[name].scheme), []).append(name)
+        for name, owner in self._inputs.owners.items():
+            groups.setdefault((owner, self.plans[name].scheme), []).append(name)
         for (owner, scheme), names in groups.items():
-            self._quantize_group(names, self._hessians[owner].h, scheme)
-        self._hessians, self._owners = {}, {}
+            self._quantize_group(names, self._inputs.entries[owner].h, scheme)
+        self._inputs = SharedInputs(HessianSum)
 
     def _quantize_group(self, names: list[str], hessian: Tensor, scheme: QuantScheme) -> None:
         modules = [self.plans[n].module for n in names]

@@ -134,7 +134,7 @@ def test_activation_noise_is_llama_cpps_8_bit_rounding_of_inputs():
     measured = 2 * (rounded - flat).pow(2).mean(0).reshape(64)
     assert torch.allclose(measured.mean(), expected.mean(), rtol=0.15)
 
-    inputs = InputStatistics("q")
+    inputs = InputStatistics()
     inputs.add(x)
     assert torch.equal(inputs.hessian_for(BLOCK_TYPES["Q4_0"]), inputs.hessian)
     added = inputs.hessian_for(BLOCK_TYPES["Q8_0"]) - inputs.hessian

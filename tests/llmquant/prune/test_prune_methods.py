@@ -61,7 +61,7 @@ def test_masks_keep_what_they_say():
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "admm"])
 def test_every_method_prunes_to_its_pattern(layer, method, pattern):
     w, h = layer
     r = prune_weight(w, h, SparsityConfig(method=method, pattern=pattern))
@@ -70,7 +70,7 @@ def test_every_method_prunes_to_its_pattern(layer, method, pattern):
     if pattern != "unstructured":
         n, m = map(int, pattern.split(":"))
         assert follows_n_of_m(r.keep, n, m)
-    if method != "sparsegpt":  # kept weights are the original's; sparsegpt updates them
+    if method in ("magnitude", "wanda"):  # kept weights are the original's; sparsegpt and admm update them
         assert torch.equal(r.weight[r.keep], w[r.keep])
 
 
@@ -87,6 +87,35 @@ def test_data_aware_methods_beat_magnitude_on_the_layer_outputs(layer, pattern):
            for m in ("magnitude", "wanda", "sparsegpt")}
     assert err["wanda"] > err["magnitude"] + 0.5, err
     assert err["sparsegpt"] > err["wanda"] + 0.5, err
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_admm_leaves_less_output_error_than_sparsegpt(layer, pattern):
+    w, h = layer
+    err = {m: output_sqnr_db(w, prune_weight(w, h, SparsityConfig(method=m, pattern=pattern)).weight, h)
+           for m in ("sparsegpt", "admm")}
+    assert err["admm"] > err["sparsegpt"] + 0.3, err
+    # More iterations converge further: never worse by more than noise.
+    longer = prune_weight(w, h, SparsityConfig(method="admm", pattern=pattern, iterations=60)).weight
+    assert output_sqnr_db(w, longer, h) > err["admm"] - 0.05
+
+
+def test_admm_kept_weights_are_the_least_squares_solution(layer):
+    """With the mask fixed, the kept weights of each row minimize its output error: the gradient
+    of tr(dW H dW^T) vanishes on them (up to the dampening's pull towards the original)."""
+    w, h = layer
+    r = prune_weight(w, h, SparsityConfig(method="admm", pattern="2:4", iterations=200))
+    grad = ((r.weight - w) @ h) * r.keep
+    assert grad.norm() / (w @ h).norm() < 0.02
+
+
+def test_admm_prunes_inputs_that_are_always_zero_first(layer):
+    w, h = layer
+    h = h.clone()
+    h[:, :4] = 0
+    h[:4, :] = 0  # the first four inputs never fire: their weights cost nothing to drop
+    r = prune_weight(w, h, SparsityConfig(method="admm", sparsity=0.3))
+    assert not r.keep[:, :4].any() and torch.isfinite(r.weight).all()
 
 
 @pytest.mark.parametrize("args", [
@@ -116,6 +145,7 @@ def test_gptq_keeps_the_pruned_weights_exactly_zero(layer, args, act_order):
     (dict(sparsity=1.0), "between 0 and 1"),
     (dict(pattern="2:4", sparsity=0.7), "contradicts"),
     (dict(sparsity="half"), "sparsity.sparsity"),
+    (dict(method="admm", iterations=0), "iterations"),
 ])
 def test_bad_settings_are_named(bad, message):
     with pytest.raises(InvalidConfigError, match=message):

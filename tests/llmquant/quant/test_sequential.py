@@ -37,7 +37,7 @@ def test_each_layer_is_calibrated_on_the_quantized_upstream(tiny):
 
     class Recording(GPTQHandler):
         def finish(self, index, prefix, layer):
-            seen.update({n: h.h.clone() for n, h in self._hessians.items() if n.endswith("q_proj")})
+            seen.update({n: h.clone() for n, h in self.hessians().items() if n.endswith("q_proj")})
             super().finish(index, prefix, layer)
 
     float_h = _input_hessian(net, "model.layers.1.self_attn.q_proj", batches)
