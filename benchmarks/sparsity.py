@@ -41,6 +41,7 @@ PRUNE_ROWS = [  # (name, ours: llmquant.prune keywords, llm-compressor config or
     ("ADMM 2:4", dict(method="admm", pattern="2:4"), None),
     ("SparseGPT 50%", dict(method="sparsegpt"), "SparseGPT 50%"),
     ("ADMM 50%", dict(method="admm"), None),
+    ("ADMM 50%, outlier allocation", dict(method="admm", allocation="outlier"), None),
     ("Wanda 2:4", dict(method="wanda", pattern="2:4"), "Wanda 2:4"),
     ("Wanda 50%", dict(method="wanda"), "Wanda 50%"),
     ("magnitude 2:4", dict(method="magnitude", pattern="2:4"), None),
@@ -52,7 +53,8 @@ COMPOSED_ROWS = [  # (name, ours: llmquant.quantize keywords, llm-compressor con
     ("ADMM 2:4 + FP8_DYNAMIC", dict(scheme="FP8_DYNAMIC", smoothquant=False, prune="admm", sparsity_pattern="2:4"),
      None),
 ]
-COMPARED_WITH = {"ADMM 2:4": "SparseGPT 2:4", "ADMM 50%": "SparseGPT 50%"}  # our row -> llm-compressor's row
+COMPARED_WITH = {"ADMM 2:4": "SparseGPT 2:4", "ADMM 50%": "SparseGPT 50%",
+                 "ADMM 50%, outlier allocation": "SparseGPT 50%"}  # our row -> llm-compressor's row
 COMPUTE_DTYPE = "float32"  # what llmcompressor_run.py loads the model in
 
 

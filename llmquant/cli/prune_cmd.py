@@ -48,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4 or 4:8")
     p.add_argument("--sparsity", type=float, default=0.5, help="unstructured: fraction of weights set to zero (default 0.5)")
     p.add_argument("--iterations", type=int, default=20, help="admm: iterations per layer (default 20)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "outlier"),
+                   help="uniform: every layer pruned to --sparsity (default); outlier: per decoder layer, "
+                   "fewer zeros where more input-weighted weights are outliers (OWL), averaging to --sparsity")
+    p.add_argument("--allocation-range", type=float, default=0.08,
+                   help="outlier allocation: layer fractions span --sparsity +- this (default 0.08)")
     p.add_argument("--targets", nargs="+", default=["Linear"], help="layers pruned: names, class names or re:REGEX")
     p.add_argument("--ignore", nargs="+", default=["lm_head"], help="layers left dense (default lm_head)")
     p.add_argument("--dataset", default="builtin", help="calibration text: builtin, a .txt/.jsonl/.parquet file, "
@@ -81,10 +86,13 @@ def run(args: argparse.Namespace) -> int:
     result = prune(args.model, output, method=args.method, pattern=args.pattern, sparsity=args.sparsity,
                    targets=args.targets, ignore=args.ignore, calibration=cal, verify_tokens=args.verify_tokens,
                    overwrite=args.overwrite, progress=not args.quiet, load=load,
+                   allocation=args.allocation, allocation_range=args.allocation_range,
                    **({"iterations": args.iterations} if args.method == "admm" else {}))
     r = result.report
     sp = r["sparsity"]
-    print(f"\n{sp['method']} {sp['pattern']}: {100 * sp['measured']:.2f}% of the weights of {sp['layers']} layers are zero")
+    spread = " (outlier allocation: per decoder layer, see the report)" if sp.get("allocation") == "outlier" else ""
+    print(f"\n{sp['method']} {sp['pattern']}: {100 * sp['measured']:.2f}% of the weights of {sp['layers']} layers "
+          f"are zero{spread}")
     for layer in r["layers"][:5]:
         o = f", output SQNR {layer['output_sqnr_db']:.1f} dB" if layer["output_sqnr_db"] is not None else ""
         print(f"  {layer['name']}: weight SQNR {layer['weight_sqnr_db']:.1f} dB{o}" + (f" ({layer['note']})" if layer["note"] else ""))

@@ -154,6 +154,12 @@ QUANTIZE_FLAGS: tuple[Flag, ...] = (
          "unstructured (default) or N:M, e.g. 2:4 (at most 2 nonzero weights in every 4 consecutive inputs: "
          "the layout of NVIDIA's sparse tensor cores) or 4:8", PRUNE, cli=dict(metavar="PATTERN"),
          apply=overrides.sparsity_field("pattern")),
+    Flag("sparsity_allocation", RECIPE, ("--sparsity-allocation",),
+         "uniform (default): every pruned layer gets --sparsity; outlier: per decoder layer, fewer zeros where "
+         "more of the input-weighted weights are outliers (OWL), averaging to --sparsity (unstructured only)",
+         PRUNE, cli=dict(choices=("uniform", "outlier")), apply=overrides.sparsity_field("allocation")),
+    Flag("prune_iterations", RECIPE, ("--prune-iterations",), "admm: iterations per layer (default 20)", PRUNE,
+         cli=dict(type=int, metavar="N"), apply=overrides.sparsity_field("iterations")),
     Flag("self_distill", RECIPE, ("--self-distill",),
          "after quantizing, train what the checkpoint format lets change (scales, zero points, norms; "
          "--self-distill-train adds rounding) so the quantized model matches the original's top-k "

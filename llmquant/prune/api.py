@@ -46,7 +46,8 @@ class PruneResult:
 
 
 def prune(model=None, output=None, *, method: str = "sparsegpt", sparsity: float = 0.5,
-          pattern: str = "unstructured", targets=("Linear",), ignore=("lm_head",),
+          pattern: str = "unstructured", allocation: str = "uniform", allocation_range: float = 0.08,
+          targets=("Linear",), ignore=("lm_head",),
           calibration: CalibrationConfig | None = None, verify_tokens: int = 2048, overwrite: bool = False,
           progress: bool = True, load: LoadOptions | None = None, **block: int | float) -> PruneResult:
     """Prune `model` (a source as for `load_model`; None: the demo model) and, with `output`,
@@ -64,7 +65,8 @@ def prune(model=None, output=None, *, method: str = "sparsegpt", sparsity: float
 
     t0 = time.perf_counter()
     reject_unknown_keys(block, ("block_size", "dampening", "iterations"), "the arguments of prune()")
-    cfg = SparsityConfig(method=method, pattern=pattern, sparsity=sparsity, **block)
+    cfg = SparsityConfig(method=method, pattern=pattern, sparsity=sparsity, allocation=allocation,
+                         allocation_range=allocation_range, **block)
     cal = calibration or CalibrationConfig()
     targets, ignore = patterns(targets, "targets"), patterns(ignore, "ignore")
     validate_patterns(targets, "targets")

@@ -72,11 +72,23 @@ def prune_in_place(name: str, module: nn.Linear, hessian: Tensor | None, cfg: Sp
     return report
 
 
+def allocate(model: nn.Module, layers: dict[str, nn.Linear], cfg: SparsityConfig, batches: Tensor,
+             batch_size: int) -> dict[str, float] | None:
+    """Each layer's fraction under `allocation: outlier` (prune/allocation.py, one dense pass over
+    the calibration windows); None when every layer gets the configured fraction."""
+    if cfg.allocation != "outlier":
+        return None
+    from llmquant.prune.allocation import outlier_fractions
+
+    return outlier_fractions(model, layers, cfg, batches, batch_size=batch_size)
+
+
 class PruneHandler:
     """The `LayerHandler` of `run_sequential` that prunes (see the module docstring)."""
 
-    def __init__(self, layers: dict[str, nn.Linear], cfg: SparsityConfig):
+    def __init__(self, layers: dict[str, nn.Linear], cfg: SparsityConfig, fractions: dict[str, float] | None = None):
         self.layers, self.cfg = layers, cfg
+        self.fractions = fractions  # Linear name -> its own fraction (allocation: outlier); None: cfg's
         self.reports: dict[str, PrunedLayer] = {}
         self._inputs: SharedInputs[HessianSum] = SharedInputs(HessianSum)
 
@@ -98,7 +110,8 @@ class PruneHandler:
             if name.startswith(prefix + "."):
                 entry = self._inputs.entries.get(name)
                 hessian = entry.h if entry is not None and entry.n > 0 else None
-                self.reports[name] = prune_in_place(name, module, hessian, self.cfg)
+                cfg = self.cfg.for_layer(self.fractions, name)
+                self.reports[name] = prune_in_place(name, module, hessian, cfg)
         self._inputs = SharedInputs(HessianSum)
 
 
@@ -111,9 +124,10 @@ def prune_model(model: nn.Module, layers: dict[str, nn.Linear], cfg: SparsityCon
     check_prunable(layers, cfg)
     if not cfg.needs_data:
         return {name: prune_in_place(name, m, None, cfg) for name, m in layers.items()}
-    handler = PruneHandler(layers, cfg)
+    fractions = allocate(model, layers, cfg, batches, batch_size)
+    handler = PruneHandler(layers, cfg, fractions)
     run_sequential(model, batches, handler, batch_size=batch_size, progress=progress, desc="pruning layer by layer")
     outside = [n for n in layers if n not in handler.reports]  # not inside a decoder layer (none by default)
     for name in outside:
-        handler.reports[name] = prune_in_place(name, layers[name], None, cfg, OUTSIDE_NOTE)
+        handler.reports[name] = prune_in_place(name, layers[name], None, cfg.for_layer(fractions, name), OUTSIDE_NOTE)
     return handler.reports

@@ -44,9 +44,10 @@ class GPTQHandler:
 
     def __init__(self, model: nn.Module, plans: list[LayerPlan], config: GPTQConfig, storage_dtype: torch.dtype,
                  *, moe_calibration: str = "routed", min_expert_tokens: int = 1, total_tokens: int = 0,
-                 sparsity: SparsityConfig | None = None):
+                 sparsity: SparsityConfig | None = None, fractions: dict[str, float] | None = None):
         self.model, self.config, self.storage_dtype = model, config, storage_dtype
         self.sparsity = sparsity  # prune each weight on its Hessian first, then round with the mask fixed
+        self.fractions = fractions  # Linear name -> its own pruned fraction (allocation: outlier)
         self.plans = {p.name: p for p in plans if p.scheme is not None}
         self.reports: dict[str, LayerReport] = {}
         self.stats: dict[str, ActivationStats] = {}
@@ -118,7 +119,8 @@ class GPTQHandler:
         keep = None
         if self.sparsity is not None:
             # Each layer pruned on its own (its fraction, its threshold), on the Hessian they share.
-            pruned = [prune_weight(m.weight.detach(), hessian, self.sparsity) for m in modules]
+            pruned = [prune_weight(m.weight.detach(), hessian, self.sparsity.for_layer(self.fractions, n))
+                      for n, m in zip(names, modules)]
             weight, keep = torch.cat([p.weight for p in pruned]), torch.cat([p.keep for p in pruned])
         result = gptq_quantize_weight(weight, hessian, scheme.weights, block_size=cfg.block_size,
                                       dampening=cfg.dampening, act_order=cfg.act_order, scale_dtype=scale_dtype,

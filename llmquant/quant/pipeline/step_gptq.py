@@ -24,14 +24,17 @@ def gptq_step(g: GPTQConfig, ctx: StepContext) -> None:
     ctx.say(plan.describe())
     check_plan(plan)
     ctx.record("gptq", f"GPTQ Hessians ({g.describe()})", batches)
+    fractions = None
     if rec.sparsity is not None:  # pruned inside this pass, on the same Hessians, before GPTQ rounds
-        from llmquant.prune.sequential_prune import check_prunable
+        from llmquant.prune.sequential_prune import allocate, check_prunable
 
-        check_prunable({p.name: p.module for p in plans if p.scheme is not None}, rec.sparsity)
+        pruned = {p.name: p.module for p in plans if p.scheme is not None}
+        check_prunable(pruned, rec.sparsity)
         ctx.say(f"{rec.sparsity.describe()} inside the GPTQ pass, with the mask held fixed while rounding")
+        fractions = allocate(net, pruned, rec.sparsity, batches, SEQUENTIAL_BATCH)
     handler = GPTQHandler(net, plans, g, loaded.source_dtype, moe_calibration=cal.moe_calibration,
                           min_expert_tokens=cal.min_expert_tokens, total_tokens=batches.numel(),
-                          sparsity=rec.sparsity)
+                          sparsity=rec.sparsity, fractions=fractions)
     _, layers = find_decoder_layers(net)
     device = next(net.parameters()).device
     inputs = capture_first_inputs(net, layers[0], batches, SEQUENTIAL_BATCH, device)
