@@ -91,8 +91,7 @@ class SparsityConfig:
 
     @property
     def fraction(self) -> float:
-        """The fraction of weights pruned: `sparsity`, or 1 - N/M."""
-        nm = self.n_of_m
+        """The fraction of weights pruned: `sparsity` (for N:M, set to 1 - N/M when constructed)."""
         return self.sparsity
 
     @property
