@@ -18,9 +18,9 @@ For N:M every group keeps its N largest from the start, and the rest are pruned 
 so the final mask is exactly N:M.
 
 Inputs are scaled to unit second moment first (H_jj = 1; the weights scaled by the inverse),
-so |V + U| scores like Wanda's |W| * ||x|| and one rho suits every layer. On the demo model's
-layers this leaves 20-40% less output error than SparseGPT at 2:4 and 50% unstructured
-(benchmarks/results/sparsity.md has the perplexities).
+so |V + U| scores like Wanda's |W| * ||x|| and one rho suits every layer. On the demo model
+it ends well below SparseGPT's perplexity at 2:4 and 50% unstructured
+(benchmarks/results/sparsity.md).
 """
 
 from __future__ import annotations
