@@ -88,9 +88,9 @@ def self_distill_row(folder: Path, out: Path, demo: Path, settings: dict) -> dic
             "changed_codes": section["changed_codes"], "trainable_parameters": section["trainable_parameters"]}
 
 
-def write(rows: list[dict], meta: dict) -> None:
+def write(rows: list[dict], meta: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "self_distill.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     o = meta["original"]
     lines = ["# Self-distillation on the demo model (SmolLM2-135M-Instruct)", "",
              f"Perplexity on the first {EVAL_TOKENS:,} tokens of two held-out sources (window {WINDOW}): the built-in "
@@ -102,11 +102,12 @@ def write(rows: list[dict], meta: dict) -> None:
              "quantized folder of the row named in 'from'; KL: the original's top-32 log-probs plus the rest of the "
              "vocabulary as one bucket; CE: next-token cross-entropy on the same windows, no teacher.", "",
              f"Original: corpus {o['ppl_corpus']:.3f}, code {o['ppl_second']:.3f}.", "",
-             "| row | from | loss | block steps | steps | seed | corpus ppl | change | code ppl | change | KL | top-1 | "
-             "train s | s/step |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| row | from | loss | trains | block steps | steps | seed | corpus ppl | change | code ppl | change | KL | top-1 | "
+             "train s | s/step |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r.get('from', '')} | {r.get('loss', '')} | {r.get('block_steps', '')} | "
+            f"| {r['name']} | {r.get('from', '')} | {r.get('loss', '')} | {_trains(r.get('train'))} | "
+            f"{r.get('block_steps', '')} | "
             f"{r.get('steps', '')} | {r.get('seed', '')} | {r['ppl_corpus']:.3f} | "
             f"{100 * (r['ppl_corpus'] / o['ppl_corpus'] - 1):+.2f}% | {r['ppl_second']:.3f} | "
             f"{100 * (r['ppl_second'] / o['ppl_second'] - 1):+.2f}% | {r['kl_mean']:.4f} | "
@@ -118,7 +119,14 @@ def write(rows: list[dict], meta: dict) -> None:
               f"Settings: {json.dumps(meta['settings'])}. Machine: {meta['machine']}; torch {meta['torch']}, "
               f"{meta['threads']} threads, compute dtype {meta['dtype']}. Commit {meta['commit']}. Date {meta['date']}.",
               f"Command: `{meta['command']}`"]
-    (RESULTS / "self_distill.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _trains(train) -> str:
+    """What a trained row trained, for the table ('' for the quantized rows)."""
+    if train is None:
+        return ""
+    return "scales, zero points, norms" if train == "default" else ", ".join(train).replace("_", " ")
 
 
 def main() -> int:
@@ -137,6 +145,10 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lc-python", default=LC_PYTHON)
+    p.add_argument("--train", nargs="+", default=None, choices=["scales", "zero_points", "rounding", "norms"],
+                   help="what the W4A16 rows train (default: the recipe's default, scales zero_points norms)")
+    p.add_argument("--results", default="self_distill",
+                   help="name of the results files in benchmarks/results/ (NAME.json, NAME.md)")
     p.add_argument("--quantize-only", action="store_true", help="only the quantized rows (no training)")
     args = p.parse_args()
 
@@ -157,12 +169,12 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d"), "command": "python " + shlex.join(sys.argv),
             "settings": {"block_steps": args.block_steps, "tokens": args.tokens, "batch_size": args.batch_size,
                          "seq_len": args.seq_len, "budgets": args.budgets, "compare_steps": args.compare_steps,
-                         "seeds": args.seeds}}
+                         "seeds": args.seeds, "train": args.train}}
     rows: list[dict] = []
 
     def add(row: dict) -> None:
         rows.append(row)
-        write(rows, meta)
+        write(rows, meta, args.results)
         print(f"{row['name']} {row.get('loss', '')} {row.get('steps', '')} seed {row.get('seed', '')}: corpus "
               f"{row['ppl_corpus']:.3f}, code {row['ppl_second']:.3f}, KL {row['kl_mean']:.4f}", flush=True)
 
@@ -171,10 +183,14 @@ def main() -> int:
                         seq_len=args.seq_len, loss=loss, seed=seed)
         if scheme == "FP8_DYNAMIC":
             settings["train"] = ["scales", "norms"]
-        out = work / f"{scheme}_sd_{loss}_{block_steps}_{steps}_{seed}".replace(" ", "_")
+        elif args.train:
+            settings["train"] = args.train
+        trains = "_".join(settings.get("train", []))
+        out = work / f"{scheme}_sd_{loss}_{block_steps}_{steps}_{seed}{'_' + trains if trains else ''}".replace(" ", "_")
         result = self_distill_row(base_dir, out, demo, settings)
         add({"name": f"{base_name.split(' (')[0]} + self-distillation", "from": base_name, "loss": loss,
-             "block_steps": block_steps, "steps": steps, "seed": seed, **result, **ev.measure(out)})
+             "block_steps": block_steps, "steps": steps, "seed": seed, "tokens": args.tokens,
+             "train": settings.get("train", "default"), **result, **ev.measure(out)})
 
     bases: dict[str, tuple[str, Path]] = {}
     for scheme in args.schemes:
