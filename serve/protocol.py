@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from llmquant.serve.sampling import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, InvalidRequestError, SamplingParams
 
 MAX_N = 16
-MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
+# OpenAI's legacy completions API stops at 5; vLLM accepts up to 20 (its default max_logprobs),
+# and a served distillation teacher (llmquant distill --teacher-endpoint) needs them: as vLLM.
+MAX_COMPLETION_LOGPROBS = MAX_TOP_LOGPROBS
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]

@@ -19,6 +19,7 @@ examples:
   llmquant distill --student-layers 15 --qat-scheme W4A16 --qat-group-size 64 --output smol-15L-w4a16
   llmquant distill org/teacher --student-layers 15 --teacher-endpoint http://127.0.0.1:8000/v1 --output s/
   llmquant distill org/model --self model-W4A16/ --steps 200 --output model-W4A16-sd/
+  llmquant distill --self model-W4A16/ --teacher-endpoint http://gpu-box:8000/v1 --output model-W4A16-sd/
 
 Self-distillation (--self QUANTIZED): the teacher is the original model and the student its own
 quantized folder; only what the checkpoint format can hold trains (scales, zero points, norms;
@@ -26,6 +27,9 @@ quantized folder; only what the checkpoint format can hold trains (scales, zero 
 (--block-steps), then --steps end-to-end steps on the original's top-k log-probs (KL with a
 bucket for the rest of the vocabulary; --self-loss ce trains on plain cross-entropy instead).
 The output is the same compressed-tensors checkpoint, verified against the original.
+With --teacher-endpoint the original is served elsewhere (no ORIGINAL argument): its top-20
+log-probs fill the cache once and only the end-to-end steps run (--block-steps needs the
+original's layer outputs); the result is not verified against the original.
 
 The student: --student-layers N keeps the N decoder layers that change the residual stream
 most on training text (1 - cos(input, output)); --keep-layers lists them instead;
@@ -136,7 +140,7 @@ NOT_WITH_SELF = ("student_layers", "keep_layers", "intermediate_size", "num_key_
                  "student_init",
                  "grad_accum", "mixed_precision", "optimizer", "eval_every", "eval_tokens", "save_every",
                  "divergence", "temperature", "kd_weight", "hidden_weight", "teacher_mode", "teacher_cache",
-                 "teacher_endpoint", "teacher_endpoint_model", "qat_scheme", "qat_group_size", "recipe")
+                 "qat_scheme", "qat_group_size", "recipe")
 SELF_ONLY = ("block_steps", "self_train", "self_loss", "rounding_lr", "tokens")
 
 
@@ -182,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
 def run_self(args: argparse.Namespace) -> int:
     from llmquant.distill.self_api import self_distill
     from llmquant.errors import InvalidConfigError
+    from llmquant.quant.pipeline.report import held_out_change
 
     given = [f"--{k.replace('_', '-')}" for k in NOT_WITH_SELF if getattr(args, k, None) is not None]
     if given:
@@ -193,11 +198,11 @@ def run_self(args: argparse.Namespace) -> int:
         push_to_hub=args.push_to_hub, private=args.private, steps=args.steps, block_steps=args.block_steps,
         lr=args.lr, rounding_lr=args.rounding_lr, tokens=args.tokens, batch_size=args.batch_size,
         seq_len=args.seq_len, train=args.self_train, loss=args.self_loss, top_k=args.top_k, seed=args.seed,
+        teacher_endpoint=args.teacher_endpoint, teacher_endpoint_model=args.teacher_endpoint_model,
         **model_kwargs(args))
     h = result.report["held_out"]
     if h:
-        print(f"\nheld-out perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} "
-              f"(original {h['perplexity_original']:.3f})")
+        print(f"\n{held_out_change(h)}")
     if result.verification:
         v = result.verification
         print(f"verification (reloaded vs original): mean KL {v['kl_mean']:.5f}, top-1 agreement "

@@ -23,6 +23,7 @@ import yaml
 
 from llmquant.checkpoint.atomic import atomic_directory, check_output_dir
 from llmquant.config.self_distill import SelfDistillConfig
+from llmquant.distill.served_teacher import served_teacher_cache, served_teacher_settings
 from llmquant.errors import InvalidConfigError
 
 SETTINGS = tuple(f.name for f in fields(SelfDistillConfig))  # every field of the recipe section
@@ -44,6 +45,7 @@ def self_distill(teacher, quantized: str | os.PathLike, *, output: str | os.Path
                  overwrite: bool = False, verify_tokens: int = 2048, revision: str | None = None, dtype: str = "auto",
                  device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
                  progress: bool = True, push_to_hub: str | None = None, private: bool = False, on_step=None,
+                 teacher_endpoint: str | None = None, teacher_endpoint_model: str | None = None,
                  **settings) -> SelfDistillFolderResult:
     """Train the quantized folder `quantized` against `teacher` (its original; None: the demo model)
     and save the result to `output`. `settings`: fields of SelfDistillConfig (steps, block_steps, lr,
@@ -53,16 +55,27 @@ def self_distill(teacher, quantized: str | os.PathLike, *, output: str | os.Path
     `dataset`: the text trained on (default: the calibration dataset of the quantized folder's
     recipe, else the built-in corpus). Resumable checkpoints go to `checkpoint_dir` (default
     `<output>.checkpoints`; Ctrl-C writes one, `resume=True` continues from it). `on_step(step,
-    record)` is called after each end-to-end step."""
+    record)` is called after each end-to-end step.
+    `teacher_endpoint`: a served original instead of a local one (an OpenAI-compatible server with
+    prompt log-probs; `teacher` stays None): its top-k (at most 20) fills the cache once, so the
+    original never needs this machine's memory. Only the end-to-end phase runs (the block-wise one
+    needs the original's layer outputs), and the saved folder is not verified against the
+    original (its full log-probs are not served); held-out perplexity before / after still is."""
     from llmquant.data import calibration_batches
     from llmquant.distill.self_distill import run_self_distill
     from llmquant.loading import load_model
+    from llmquant.quant.pipeline.report import held_out_change
     from llmquant.quant.pipeline.step_self_distill import HELD_OUT_WINDOW, held_out_perplexity
 
     t0, timings = time.perf_counter(), {}
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise InvalidConfigError(f"Unknown self-distillation setting(s) {sorted(unknown)}; valid: {', '.join(SETTINGS)}.")
+    if teacher_endpoint is not None:
+        if teacher is not None:
+            raise InvalidConfigError("Give the original model or a teacher endpoint, not both: with a served teacher "
+                                     "the original is not loaded here.")
+        settings = served_teacher_settings(settings)
     cfg = SelfDistillConfig.from_dict({k: (tuple(v) if k == "train" else v) for k, v in settings.items()
                                        if v is not None})
     output = check_output_dir(output, overwrite)
@@ -77,15 +90,18 @@ def self_distill(teacher, quantized: str | os.PathLike, *, output: str | os.Path
     load = dict(revision=revision, dtype=dtype, device=device, allow_pickle=allow_pickle,
                 trust_remote_code=trust_remote_code)
     t = time.perf_counter()
-    original = load_model(teacher, **load)
-    if original.quantization_config is not None:
-        raise InvalidConfigError(f"{original.source.describe()} is quantized: the teacher is the original model "
-                                 "the quantized folder was made from.")
+    original = None
+    if teacher_endpoint is None:
+        original = load_model(teacher, **load)
+        if original.quantization_config is not None:
+            raise InvalidConfigError(f"{original.source.describe()} is quantized: the teacher is the original model "
+                                     "the quantized folder was made from.")
     student = load_model(quantized, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if student.quantization_config is None:
         raise InvalidConfigError(f"{quantized} holds float weights; quantize it first (llmquant quantize), or "
                                  "use llmquant quantize --self-distill.")
-    _check_same_model(original.model, student.model, quantized)
+    if original is not None:
+        _check_same_model(original.model, student.model, quantized)
     timings["load"] = time.perf_counter() - t
 
     cal = _calibration(quantized, dataset, text_field)
@@ -95,21 +111,29 @@ def self_distill(teacher, quantized: str | os.PathLike, *, output: str | os.Path
     _say(progress, cfg.describe())
     held_out = cfg.held_out_tokens
     before = held_out_perplexity(student.model, tokenizer, **cal, tokens=held_out)
-    teacher_ppl = held_out_perplexity(original.model, tokenizer, **cal, tokens=held_out)
-    reference, verify = _reference(original.model, tokenizer, cal, verify_tokens, progress)
+    teacher_ppl, reference, verify = None, None, None  # a served original: neither is measured here
+    if original is not None:
+        teacher_ppl = held_out_perplexity(original.model, tokenizer, **cal, tokens=held_out)
+        reference, verify = _reference(original.model, tokenizer, cal, verify_tokens, progress)
+    if original is None:  # the served original's top-k, fetched once (a local original's comes in training)
+        t = time.perf_counter()
+        teacher_name = served_teacher_cache(teacher_endpoint, teacher_endpoint_model, tokenizer, windows, ckpt_dir,
+                                            cfg, progress)
+        timings["teacher_cache"] = time.perf_counter() - t
+    else:
+        teacher_name = original.source.describe()
     t = time.perf_counter()
-    result = run_self_distill(student.model, original.model, windows, cfg, teacher_name=original.source.describe(),
-                              work_dir=ckpt_dir, checkpoint_dir=ckpt_dir, resume=resume, progress=progress,
-                              on_step=on_step)
+    result = run_self_distill(student.model, original.model if original else None, windows, cfg,
+                              teacher_name=teacher_name, work_dir=ckpt_dir, checkpoint_dir=ckpt_dir, resume=resume,
+                              progress=progress, on_step=on_step)
     timings["train"] = time.perf_counter() - t
-    section = {**result.to_dict(), "held_out": None}
+    section = {**result.to_dict(), "teacher": teacher_name, "held_out": None}
     if held_out:
         after = held_out_perplexity(student.model, tokenizer, **cal, tokens=held_out)
         section["held_out"] = {"tokens": held_out, "window": HELD_OUT_WINDOW, "dataset": cal["dataset"],
                                "perplexity_original": teacher_ppl, "perplexity_before": before,
                                "perplexity_after": after}
-        _say(progress, f"self-distillation: held-out perplexity {before:.3f} -> {after:.3f} "
-             f"(original {teacher_ppl:.3f})")
+        _say(progress, f"self-distillation: {held_out_change(section['held_out'])}")
     del original
 
     verification = None
@@ -193,6 +217,9 @@ def _write_report(quantized: Path, folder: Path, section: dict, verification: di
     path = quantized / REPORT_JSON
     report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     report["self_distill"] = section
+    # The quantized folder's verification describes the weights before training: replace it, or
+    # drop it when this run could not verify (a served teacher, or verify_tokens 0).
+    report.pop("verification", None)
     if verification is not None:
         report["verification"] = verification
     (folder / REPORT_JSON).write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -202,6 +229,9 @@ def _write_report(quantized: Path, folder: Path, section: dict, verification: di
         extra.append(f"- verification (reloaded checkpoint vs original): mean KL {verification['kl_mean']:.5f}, "
                      f"top-1 agreement {100 * verification['top1_agreement']:.2f}% on {verification['tokens']} "
                      "held-out tokens")
+    else:
+        extra.append("- not verified against the original after self-distillation (any verification above is of "
+                     "the folder before it)")
     (folder / REPORT_MD).write_text(md.rstrip("\n") + "\n" + "\n".join(extra) + "\n", encoding="utf-8")
 
 

@@ -53,7 +53,13 @@ class SelfDistillResult:
                 "changed_codes": self.changed_codes, "resumed_from": self.resumed_from}
 
 
+# The original's top-k log-probs inside the work folder (filled here from the original model,
+# or beforehand from a served teacher: llmquant.distill.self_api).
+TEACHER_CACHE = "teacher-topk"
+
+
 # ---- the trainable model ---------------------------------------------------------------------
+
 def is_norm(module: nn.Module) -> bool:
     """RMSNorm / LayerNorm of any architecture (their class names say so) with a weight."""
     from torch.nn.utils import parametrize
@@ -299,9 +305,9 @@ def run_self_distill(student: nn.Module, teacher: nn.Module | None, windows: Ten
         with _work_folder(work_dir) as work:
             cache = None
             if cfg.steps and cfg.loss == "kl":
-                if teacher is None and not (work / "teacher-topk").exists():
+                if teacher is None and not (work / TEACHER_CACHE).exists():
                     raise ValueError("the KL loss needs the original model or its cache")
-                cache = teacher_cache(teacher, windows, work / "teacher-topk", cfg, teacher_name, progress)
+                cache = teacher_cache(teacher, windows, work / TEACHER_CACHE, cfg, teacher_name, progress)
             if cfg.block_steps and not (resume and checkpoint_dir is not None and _has_checkpoint(checkpoint_dir)):
                 if teacher is None:
                     raise ValueError("the block-wise phase needs the original model")

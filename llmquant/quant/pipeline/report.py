@@ -223,10 +223,19 @@ def self_distill_line(sd: dict) -> str:
     phases = ([f"{c['block_steps']} steps per decoder layer"] if c.get("block_steps") else []) + \
         ([f"{c['steps']} end-to-end steps ({c['loss']})"] if c.get("steps") else [])
     line = f"self-distillation: {' then '.join(phases)}, training {', '.join(c['train'])}"
+    if sd.get("teacher"):
+        line += f", teacher {sd['teacher']}"
     if h:
-        line += (f"; held-out perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} "
-                 f"(original {h['perplexity_original']:.3f})")
+        line += f"; {held_out_change(h)}"
     return line
+
+
+def held_out_change(h: dict) -> str:
+    """Held-out perplexity before -> after self-distillation, and the original's (None when the
+    original was served, not loaded)."""
+    original = h.get("perplexity_original")
+    return (f"held-out perplexity {h['perplexity_before']:.3f} -> {h['perplexity_after']:.3f} (original "
+            + (f"{original:.3f})" if original is not None else "served, not measured here)"))
 
 
 def sparsity_line(sp: dict) -> str:
