@@ -116,10 +116,31 @@ def write(rows: list[dict], meta: dict, name: str) -> None:
     lines += ["", "train s: the self-distillation run (teacher cache, block-wise phase, end-to-end steps, held-out "
               "checks, save), or for the other rows the quantization (load to saved folder). s/step: one end-to-end "
               "step of batch x seq_len tokens.", "",
-              f"Settings: {json.dumps(meta['settings'])}. Machine: {meta['machine']}; torch {meta['torch']}, "
-              f"{meta['threads']} threads, compute dtype {meta['dtype']}. Commit {meta['commit']}. Date {meta['date']}.",
-              f"Command: `{meta['command']}`"]
+              f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} threads, compute dtype "
+              f"{meta['dtype']}."]
+    for run in meta["runs"]:  # one per invocation that wrote rows here (--append adds one)
+        lines += ["", f"Settings: {json.dumps(run['settings'])}. Commit {run['commit']}. Date {run['date']}.",
+                  f"Command: `{run['command']}`"]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def earlier_rows(name: str, meta: dict) -> tuple[list[dict], list[dict]]:
+    """The rows and runs already in RESULTS/NAME.json, for --append; refused when they were
+    measured on another machine or against another original (their numbers would not compare)."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return [], []
+    old = json.loads(path.read_text())
+
+    def same(m: dict) -> dict:  # the original's perplexities to the printed digits (the last bits may differ)
+        return {"machine": m["machine"], "torch": m["torch"], "threads": m["threads"],
+                "original": [round(m["original"][k], 3) for k in ("ppl_corpus", "ppl_second")]}
+
+    if same(old["meta"]) != same(meta):
+        raise SystemExit(f"--append: {path} was measured on another machine, torch or thread count, or against "
+                         f"another original ({same(old['meta'])} vs now {same(meta)}); use another --results name.")
+    runs = old["meta"].get("runs") or [{k: old["meta"][k] for k in ("commit", "date", "command", "settings")}]
+    return old["rows"], runs
 
 
 def _trains(train) -> str:
@@ -149,6 +170,8 @@ def main() -> int:
                    help="what the W4A16 rows train (default: the recipe's default, scales zero_points norms)")
     p.add_argument("--results", default="self_distill",
                    help="name of the results files in benchmarks/results/ (NAME.json, NAME.md)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of an earlier run in the same results files (same machine and original)")
     p.add_argument("--quantize-only", action="store_true", help="only the quantized rows (no training)")
     args = p.parse_args()
 
@@ -165,12 +188,14 @@ def main() -> int:
     ev = FolderEvaluator(demo, second_source(work))
     meta = {"original": ev.original, "machine": cpu_description(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "dtype": f"{EVAL_DTYPE} evaluation (training: bf16 autocast)",
-            "python": sys.version.split()[0], "commit": commit + (" (uncommitted changes)" if dirty else ""),
-            "date": time.strftime("%Y-%m-%d"), "command": "python " + shlex.join(sys.argv),
-            "settings": {"block_steps": args.block_steps, "tokens": args.tokens, "batch_size": args.batch_size,
-                         "seq_len": args.seq_len, "budgets": args.budgets, "compare_steps": args.compare_steps,
-                         "seeds": args.seeds, "train": args.train}}
-    rows: list[dict] = []
+            "python": sys.version.split()[0]}
+    run = {"commit": commit + (" (uncommitted changes)" if dirty else ""), "date": time.strftime("%Y-%m-%d"),
+           "command": "python " + shlex.join(sys.argv),
+           "settings": {"schemes": args.schemes, "block_steps": args.block_steps, "tokens": args.tokens,
+                        "batch_size": args.batch_size, "seq_len": args.seq_len, "budgets": args.budgets,
+                        "compare_steps": args.compare_steps, "seeds": args.seeds, "train": args.train}}
+    rows, meta["runs"] = earlier_rows(args.results, meta) if args.append else ([], [])
+    meta["runs"].append(run)
 
     def add(row: dict) -> None:
         rows.append(row)
@@ -185,8 +210,8 @@ def main() -> int:
             settings["train"] = ["scales", "norms"]
         elif args.train:
             settings["train"] = args.train
-        trains = "_".join(settings.get("train", []))
-        out = work / f"{scheme}_sd_{loss}_{block_steps}_{steps}_{seed}{'_' + trains if trains else ''}".replace(" ", "_")
+        trains = "".join("_" + t for t in settings.get("train", []))
+        out = work / f"{scheme}_sd_{loss}_{block_steps}_{steps}_{seed}{trains}".replace(" ", "_")
         result = self_distill_row(base_dir, out, demo, settings)
         add({"name": f"{base_name.split(' (')[0]} + self-distillation", "from": base_name, "loss": loss,
              "block_steps": block_steps, "steps": steps, "seed": seed, "tokens": args.tokens,
