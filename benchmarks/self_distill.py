@@ -3,8 +3,13 @@ the same training on plain cross-entropy (no teacher), on two kinds of held-out 
 
     python benchmarks/self_distill.py --work /tmp/sd               # the default grid
     python benchmarks/self_distill.py --budgets 50 200 800 --block-steps 40 --compare-steps 200
+    # the budget sweep (benchmarks/results/self_distill_budgets.md): one scheme per run, appended
+    python benchmarks/self_distill.py --schemes "W4A16 g64 asym" --budgets 200 50 --block-steps 40 \
+        --tokens 65536 --compare-schemes --results self_distill_budgets
+    python benchmarks/self_distill.py --schemes "W4A16 g64 sym" --budgets 200 50 --block-steps 40 \
+        --tokens 65536 --compare-schemes --results self_distill_budgets --append
     bash benchmarks/setup_llmcompressor.sh                          # once, for the FP8_DYNAMIC baseline
-    python benchmarks/self_distill.py --only FP8_DYNAMIC
+    python benchmarks/self_distill.py --schemes FP8_DYNAMIC --compare-schemes
 
 For each scheme (W4A16 g64 sym / asym, FP8_DYNAMIC): quantize with today's defaults (GPTQ for
 W4A16), then `llmquant distill --self` the saved folder (llmquant.distill.self_api) at each
