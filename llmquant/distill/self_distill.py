@@ -59,7 +59,6 @@ TEACHER_CACHE = "teacher-topk"
 
 
 # ---- the trainable model ---------------------------------------------------------------------
-
 def is_norm(module: nn.Module) -> bool:
     """RMSNorm / LayerNorm of any architecture (their class names say so) with a weight."""
     from torch.nn.utils import parametrize

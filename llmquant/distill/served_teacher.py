@@ -15,9 +15,8 @@ from pathlib import Path
 from torch import Tensor
 
 from llmquant.config.self_distill import SelfDistillConfig
+from llmquant.distill.teacher_cache import ENDPOINT_MAX_K, TeacherCache, fill_from_endpoint
 from llmquant.errors import InvalidConfigError
-
-ENDPOINT_TOP_K = 20  # the most top log-probs an OpenAI-compatible completions endpoint returns
 
 
 def served_teacher_settings(settings: dict) -> dict:
@@ -32,15 +31,15 @@ def served_teacher_settings(settings: dict) -> dict:
     if settings.get("loss") == "ce":
         raise InvalidConfigError("The cross-entropy loss (--self-loss ce) trains without a teacher: drop the teacher "
                                  "endpoint, or use the kl loss.")
-    if settings.get("top_k") is not None and settings["top_k"] > ENDPOINT_TOP_K:
-        raise InvalidConfigError(f"An OpenAI-compatible endpoint returns at most {ENDPOINT_TOP_K} log-probs per token; "
+    # fill_from_endpoint refuses it too, but only after the models load: refuse it first.
+    if settings.get("top_k") is not None and settings["top_k"] > ENDPOINT_MAX_K:
+        raise InvalidConfigError(f"An OpenAI-compatible endpoint returns at most {ENDPOINT_MAX_K} log-probs per token; "
                                  f"got top_k {settings['top_k']}.")
     if settings.get("steps") == 0:
         raise InvalidConfigError("With a served teacher only the end-to-end phase runs: steps must be > 0.")
     settings["block_steps"] = 0
-    settings.setdefault("top_k", None)
-    if settings["top_k"] is None:
-        settings["top_k"] = ENDPOINT_TOP_K
+    if settings.get("top_k") is None:
+        settings["top_k"] = ENDPOINT_MAX_K
     return settings
 
 
@@ -49,7 +48,6 @@ def served_teacher_cache(base_url: str, model: str | None, tokenizer, windows: T
     """Fill `work`'s teacher cache from the endpoint (kept when a resumed run finds it); returns
     the teacher's name for the report ("<model> at <url>")."""
     from llmquant.distill.self_distill import TEACHER_CACHE
-    from llmquant.distill.teacher_cache import TeacherCache, fill_from_endpoint
 
     folder = work / TEACHER_CACHE
     if folder.exists():  # run_self_distill checks that it holds these windows at this top_k

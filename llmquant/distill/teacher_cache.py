@@ -36,6 +36,7 @@ FORMAT = "llmquant-teacher-topk/1"
 MANIFEST = "manifest.json"
 PAD_LOGPROB = -1.0e4  # fills top-k slots an endpoint did not fill; exp() of it is exactly 0
 DEFAULT_SHARD_SEQUENCES = 256
+ENDPOINT_MAX_K = 20  # the most top log-probs an OpenAI-compatible endpoint returns per token
 
 
 @dataclass
@@ -174,8 +175,9 @@ def fill_from_endpoint(base_url: str, tokenizer, sequences: torch.Tensor, output
     Each sequence is sent as token ids with `echo: true, logprobs: k, max_tokens: 0`; the
     returned top-k dicts are keyed by token text and mapped back to ids with the tokenizer
     (which must be the teacher's). Slots whose text cannot be mapped get PAD_LOGPROB."""
-    if not 1 <= k <= 20:
-        raise InvalidConfigError(f"An OpenAI-compatible endpoint returns at most 20 top log-probs; got k={k}.")
+    if not 1 <= k <= ENDPOINT_MAX_K:
+        raise InvalidConfigError(f"An OpenAI-compatible endpoint returns at most {ENDPOINT_MAX_K} top log-probs; "
+                                 f"got k={k}.")
     api_key = api_key or os.environ.get("OPENAI_API_KEY")
     url = base_url.rstrip("/") + "/completions"
     if model is None:

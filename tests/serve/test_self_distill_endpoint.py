@@ -62,10 +62,10 @@ def quantized(peaked_dir, tmp_path_factory) -> Path:
 
 
 def test_a_served_original_teaches_its_quantized_copy(teacher_url, quantized, peaked_dir, tmp_path):
-    url = teacher_url
-    served = self_distill(None, quantized, output=tmp_path / "sd", teacher_endpoint=url, progress=False, **TRAIN)
+    served = self_distill(None, quantized, output=tmp_path / "sd", teacher_endpoint=teacher_url, progress=False,
+                          **TRAIN)
     section = served.report
-    assert section["teacher"] == f"tiny at {url}"  # the name the server's /v1/models gave
+    assert section["teacher"] == f"tiny at {teacher_url}"  # the name the server's /v1/models gave
     assert section["config"]["block_steps"] == 0 and section["config"]["top_k"] == 16
     assert len(section["history"]) == TRAIN["steps"] and not section["block"]
     held = section["held_out"]
